@@ -1,0 +1,214 @@
+"""Per-token advantages and the clipped policy loss for on-policy distillation.
+
+Pure functions of (B, T) tensors and masks; no model, no config object. Notation per sampled
+token t (see DESIGN.md, "Losses"):
+
+    lp_theta  current student logprob (the only tensor that receives gradient)
+    lp_old    student logprob at sampling time
+    lp_T      teacher logprob
+    lp_B      base logprob (the frozen student init; never the EffOPD anchor)
+    lp_roll   the rollout engine's own logprob, when the engine differs from the trainer
+
+Every loss returns ``(loss, metrics)`` where ``metrics`` maps short keys to python floats.
+Masked tokens (``mask_BT == 0``) contribute nothing to a loss, its gradient, or its metrics,
+whatever values they hold (inf and nan included).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _check_same_shape(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
+    """Raise ValueError unless every tensor in ``others`` has the shape of ``ref``."""
+    for name, x in others.items():
+        if x is not None and x.shape != ref.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}; "
+                f"pass per-token tensors of one shape (B, T), aligned token by token."
+            )
+
+
+def _check_2d(name: str, x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (B, T) but has shape {tuple(x.shape)}; "
+            f"add a batch dimension (x[None]) or flatten extra dimensions into B."
+        )
+
+
+def _zero_masked(x: Tensor, mask: Tensor) -> Tensor:
+    # torch.where rather than x * mask: 0 * inf = nan, and where() also sends zero gradient.
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is nonzero: sum(x*m) / sum(m).
+
+    Over all entries when ``dim`` is None, else along ``dim``. An empty selection gives 0.
+    """
+    _check_same_shape("x", x, mask=mask)
+    m = mask.to(x.dtype)
+    x = _zero_masked(x, mask)
+    if dim is None:
+        total, count = x.sum(), m.sum()
+    else:
+        total, count = x.sum(dim), m.sum(dim)
+    # A safe denominator (not where() on the quotient) keeps the gradient free of nan.
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def aggregate(
+    loss_BT: Tensor, mask_BT: Tensor, mode: str = "token-mean", norm_len: float | None = None
+) -> Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    - ``token-mean``: sum_{b,t} l*m / sum_{b,t} m (every token weighs the same).
+    - ``seq-mean-token-mean``: mean over non-empty sequences b of (sum_t l*m / sum_t m).
+    - ``seq-mean-token-sum-norm``: mean over all B sequences of sum_t l*m / norm_len, with
+      ``norm_len`` a constant (default T, the padded length) so that length does not bias the
+      per-token weight (Dr. GRPO, Liu et al. 2025, Sec. 3.1).
+
+    A fully masked batch gives exactly 0.
+    """
+    _check_2d("loss_BT", loss_BT)
+    _check_same_shape("loss_BT", loss_BT, mask_BT=mask_BT)
+    if mode == "token-mean":
+        return masked_mean(loss_BT, mask_BT)
+    if mode == "seq-mean-token-mean":
+        seq_B = masked_mean(loss_BT, mask_BT, dim=-1)
+        return masked_mean(seq_B, mask_BT.sum(-1) > 0)
+    if mode == "seq-mean-token-sum-norm":
+        norm = loss_BT.shape[-1] if norm_len is None else norm_len
+        if not norm > 0:
+            raise ValueError(
+                f"norm_len must be > 0 but is {norm_len!r}; pass the maximum response length "
+                f"(or leave it None to use the padded length T)."
+            )
+        return (_zero_masked(loss_BT, mask_BT).sum(-1) / norm).mean()
+    raise ValueError(f"unknown aggregation mode {mode!r}; use one of {AGGREGATIONS}.")
+
+
+def opd_advantages(teacher_logp_BT: Tensor, old_logp_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """OPD advantage A_t = lp_T - lp_old, the per-token negative reverse KL (detached).
+
+    Zero on masked tokens.
+    """
+    _check_same_shape("teacher_logp_BT", teacher_logp_BT, old_logp_BT=old_logp_BT, mask_BT=mask_BT)
+    return _zero_masked((teacher_logp_BT - old_logp_BT).detach(), mask_BT)
+
+
+def gopd_advantages(
+    teacher_logp_BT: Tensor, old_logp_BT: Tensor, base_logp_BT: Tensor, mask_BT: Tensor, lam: float
+) -> Tensor:
+    """G-OPD (reward extrapolation) advantage A_t = lam*(lp_T - lp_B) - (lp_old - lp_B).
+
+    lam = 1 is OPD; lam = 1.25 is the published ExOPD setting. Computed in the equal form
+    (lp_T - lp_old) + (lam - 1)*(lp_T - lp_B) so that lam = 1 reproduces OPD bit for bit.
+    Detached; zero on masked tokens.
+    """
+    if not (isinstance(lam, (int, float)) and lam >= 0):
+        raise ValueError(
+            f"lam must be a number >= 0 but is {lam!r}; use lam = 1 for plain OPD or "
+            f"lam > 1 to extrapolate the reward (ExOPD uses 1.25)."
+        )
+    _check_same_shape(
+        "teacher_logp_BT", teacher_logp_BT,
+        old_logp_BT=old_logp_BT, base_logp_BT=base_logp_BT, mask_BT=mask_BT,
+    )
+    lp_T, lp_old, lp_B = (x.detach() for x in (teacher_logp_BT, old_logp_BT, base_logp_BT))
+    adv_BT = (lp_T - lp_old) + (lam - 1.0) * (lp_T - lp_B)
+    return _zero_masked(adv_BT, mask_BT)
+
+
+def token_is_weight(old_logp_BT: Tensor, rollout_logp_BT: Tensor, cap: float = 5.0) -> Tensor:
+    """Truncated token importance weight w_t = min(exp(lp_old - lp_roll), cap), detached.
+
+    Corrects for the rollout engine's logprobs differing from the trainer's (truncated IS).
+    """
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0 but is {cap!r}; the usual truncation is 5.0.")
+    _check_same_shape("old_logp_BT", old_logp_BT, rollout_logp_BT=rollout_logp_BT)
+    return torch.exp(old_logp_BT.detach() - rollout_logp_BT.detach()).clamp(max=cap)
+
+
+def ppo_clip_loss(
+    logp_BT: Tensor,
+    old_logp_BT: Tensor,
+    adv_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = 3.0,
+    is_weight_BT: Tensor | None = None,
+    agg: str = "token-mean",
+    norm_len: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Dual-clip PPO policy loss (Schulman et al. 2017, eq. 7; Ye et al. 2020, eq. 5).
+
+        r_t  = exp(lp_theta - lp_old)
+        pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))
+        pg_t = min(pg_t, -A_t c)          for A_t < 0 (dual clip, c > 1; None disables)
+        loss = aggregate(w_t * pg_t)      w_t = token IS weight, 1 when not given
+
+    Gradient flows only through ``logp_BT``. Metrics (means over unmasked tokens):
+    ``clip_frac`` (PPO clip active), ``dual_clip_frac``, ``ratio_mean``, ``adv_mean``,
+    ``is_weight_mean``.
+    """
+    for name, eps in (("clip_eps_low", clip_eps_low), ("clip_eps_high", clip_eps_high)):
+        if not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(
+                f"{name} must be a finite number >= 0 but is {eps!r}; the usual value is 0.2."
+            )
+    if dual_clip_c is not None and not dual_clip_c > 1:
+        raise ValueError(
+            f"dual_clip_c must be > 1 (or None to disable dual clipping) but is {dual_clip_c!r}; "
+            f"the usual value is 3.0."
+        )
+    _check_2d("logp_BT", logp_BT)
+    _check_same_shape(
+        "logp_BT", logp_BT,
+        old_logp_BT=old_logp_BT, adv_BT=adv_BT, mask_BT=mask_BT, is_weight_BT=is_weight_BT,
+    )
+
+    valid_BT = mask_BT.bool()
+    # Mask the log-ratio before exp(): a huge value under the mask would otherwise give
+    # exp() = inf and a nan gradient even though where() discards it later.
+    log_ratio_BT = _zero_masked(logp_BT - old_logp_BT.detach(), mask_BT)
+    ratio_BT = torch.exp(log_ratio_BT)
+    adv_BT = _zero_masked(adv_BT.detach(), mask_BT)
+
+    pg_unclipped_BT = -adv_BT * ratio_BT
+    pg_clipped_BT = -adv_BT * ratio_BT.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    pg_BT = torch.maximum(pg_unclipped_BT, pg_clipped_BT)
+    clipped_BT = (pg_clipped_BT > pg_unclipped_BT) & valid_BT
+
+    dual_clipped_BT = torch.zeros_like(valid_BT)
+    if dual_clip_c is not None:
+        dual_bound_BT = -adv_BT * dual_clip_c
+        dual_clipped_BT = (adv_BT < 0) & (pg_BT > dual_bound_BT) & valid_BT
+        pg_BT = torch.where(dual_clipped_BT, dual_bound_BT, pg_BT)
+
+    if is_weight_BT is not None:
+        is_weight_BT = _zero_masked(is_weight_BT.detach(), mask_BT)
+        pg_BT = pg_BT * is_weight_BT
+
+    loss = aggregate(pg_BT, mask_BT, mode=agg, norm_len=norm_len)
+
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": masked_mean(clipped_BT.float(), mask_BT).item(),
+            "dual_clip_frac": masked_mean(dual_clipped_BT.float(), mask_BT).item(),
+            "ratio_mean": masked_mean(ratio_BT, mask_BT).item(),
+            "adv_mean": masked_mean(adv_BT, mask_BT).item(),
+            "is_weight_mean": (
+                1.0 if is_weight_BT is None else masked_mean(is_weight_BT, mask_BT).item()
+            ),
+        }
+    return loss, metrics
