@@ -1,0 +1,175 @@
+"""The `effopd` command: demo | bootstrap | train | eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """examples:
+  effopd demo                                   # embedded task: OPD on the shipped student/teacher
+  effopd train --run-dir runs/opd optim.lr=3e-5 train.steps=200
+  effopd train --config my.yaml --run-dir runs/x --resume
+  effopd eval --model runs/opd/checkpoints/step-200 --data embedded
+  effopd bootstrap --out build/default --export-jsonl build/data
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a student by on-policy distillation",
+        description="Train a student by on-policy distillation. Configuration: defaults, then each "
+        "--config YAML in order, then dotted KEY=VALUE overrides (e.g. optim.lr=1e-5). The "
+        "resolved config is saved as RUN_DIR/config.yaml.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file (repeatable)")
+    p.add_argument("--run-dir", required=True, type=Path, help="output directory of the run")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in RUN_DIR")
+    g.add_argument("--overwrite", action="store_true", help="delete RUN_DIR first if it holds a run")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a prompt set",
+                       description="Evaluate a model on a verifiable prompt set; prints avg@k, pass@k and mean length.")
+    p.add_argument("--model", required=True, help="model directory, hub id, or `embedded-student`/`embedded-teacher`")
+    p.add_argument("--data", default="embedded", help="prompt set (.jsonl, .parquet, datasets dir) or `embedded` (test split)")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--split", default=None, help="split of a DatasetDict directory")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N prompts")
+    p.add_argument("--samples", type=int, default=1, help="responses per prompt (with --sample)")
+    p.add_argument("--sample", action="store_true", help="sample at --temperature instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", type=Path, default=None, help="write one JSON line per response here")
+
+
+def _add_bootstrap(sub) -> None:
+    p = sub.add_parser(
+        "bootstrap", help="rebuild the embedded tokenizer, teacher and student from a seed",
+        description="Build the embedded default deterministically from a seed (about 15 minutes on 2 cores), "
+        "and/or export the embedded task's splits as jsonl.",
+    )
+    p.add_argument("--out", type=Path, help="write tokenizer+teacher+student here (teacher/, student/, bootstrap.json)")
+    p.add_argument("--export-jsonl", type=Path, metavar="DIR", help="write the task's train/val/test splits as DIR/{train,val,test}.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reduced", action="store_true", help="tiny budget (a minute), for tests")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run OPD on the embedded default and print the result",
+                       description="On the embedded task, evaluate teacher and student, distill the student "
+                       "on-policy, and print its accuracy before and after next to the teacher's.")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def cmd_train(args) -> int:
+    from effopd.config import load_config
+    from effopd.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps(final, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from effopd.config import DataConfig
+    from effopd.data import load_split
+    from effopd.evaluate import evaluate_model
+    from effopd.models import load_model, load_tokenizer
+
+    name, role = args.model, "student"
+    if name in ("embedded-student", "embedded-teacher"):
+        name, role = "embedded", name.split("-")[1]
+    data_cfg = DataConfig(prompt_field=args.prompt_field, answer_field=args.answer_field, eval_split=args.split, eval_limit=args.limit)
+    examples = load_split(args.data, data_cfg, "eval")
+    tok, model = load_tokenizer(name, role), load_model(name, role)
+    records: list = []
+    metrics = evaluate_model(model, tok, examples, max_new_tokens=args.max_new_tokens, samples=args.samples,
+                             greedy=not args.sample, temperature=args.temperature, seed=args.seed, records=records,
+                             ks=tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.samples))
+    if args.out:
+        from effopd.utils import atomic_write_text
+
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
+    print(json.dumps({"model": args.model, "data": args.data, "n": len(examples), **metrics}, indent=1))
+    return 0
+
+
+def cmd_bootstrap(args) -> int:
+    if not args.out and not args.export_jsonl:
+        print("effopd bootstrap: give --out DIR (build models) and/or --export-jsonl DIR (export the task)", file=sys.stderr)
+        return 2
+    if args.export_jsonl:
+        from effopd.data import embedded_splits
+        from effopd.data.loaders import write_jsonl
+
+        for split, examples in embedded_splits(seed=args.seed).items():
+            write_jsonl(examples, args.export_jsonl / f"{split}.jsonl")
+            print(f"wrote {len(examples)} problems to {args.export_jsonl / f'{split}.jsonl'}")
+    if args.out:
+        from effopd.bootstrap import BootstrapConfig, bootstrap, summary
+
+        cfg = BootstrapConfig.reduced(args.seed) if args.reduced else BootstrapConfig(seed=args.seed)
+        print(summary(bootstrap(args.out, cfg)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from effopd.config import load_config
+    from effopd.data import load_split
+    from effopd.evaluate import evaluate_model
+    from effopd.models import load_model, load_tokenizer
+    from effopd.train import train
+
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
+    cfg = load_config([], overrides)
+    run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    examples = load_split("embedded", cfg.data, "eval")
+    tok = load_tokenizer("embedded", "teacher")
+    print(f"embedded task: {len(examples)} held-out problems, e.g. {examples[0].prompt} -> {examples[0].answer}")
+    teacher = evaluate_model(load_model("embedded", "teacher"), tok, examples, max_new_tokens=cfg.eval.max_new_tokens)
+    print(f"teacher greedy accuracy: {teacher['accuracy']:.1%}")
+    final = train(cfg, run_dir)
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    before, after = first.get("eval/accuracy"), final["eval/accuracy"]
+    print(f"\nstudent before OPD: {before:.1%}   after {cfg.train.steps} steps: {after:.1%}   teacher: {teacher['accuracy']:.1%}")
+    print(f"run directory: {run_dir} (metrics.jsonl, eval/, checkpoints/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="effopd", description="On-policy distillation with EffOPD extrapolation.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval}")
+    _add_demo(sub)
+    _add_bootstrap(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    args = parser.parse_args(argv)
+    from effopd.errors import USER_ERRORS
+
+    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval}
+    try:
+        return handlers[args.command](args)
+    except USER_ERRORS as err:
+        print(f"effopd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"effopd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Typed run configuration: dataclasses merged from YAML files and dotted overrides by OmegaConf.
+
+``load_config(["run.yaml"], ["optim.lr=1e-5", "train.steps=200"])`` gives a validated ``Config``.
+Unknown keys are errors that suggest the closest valid key; out-of-range values are errors that
+name the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from effopd.losses import AGGREGATIONS
+
+METHODS = ("opd", "gopd")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key}={value!r} is invalid: {what}")
+
+
+@dataclass
+class ModelConfig:
+    student: str = "embedded"
+    """Student: a save_pretrained directory, a hub id, or `embedded` (the shipped default)."""
+    teacher: str = "embedded"
+    """Teacher: must share the student's vocabulary."""
+    base: str | None = None
+    """Frozen base for G-OPD; default (null) is the student's initial weights."""
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    train: str = "embedded"
+    """Training prompts: .jsonl, .parquet, a `datasets` directory, or `embedded`."""
+    eval: str = "embedded"
+    """Held-out prompts for periodic evaluation (`embedded` = the embedded task's test split)."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    train_split: str | None = None
+    eval_split: str | None = None
+    eval_limit: int | None = 1000
+    """Evaluate on at most this many held-out prompts (null = all)."""
+    prompt_template: str = "{prompt}"
+    """Python format string applied to every prompt; `{prompt}` is the raw prompt."""
+    task_seed: int = 0
+    """Seed of the embedded task's splits."""
+    task_min_ops: int = 2
+    task_max_ops: int = 3
+    task_digits: int = 2
+
+    def __post_init__(self):
+        _require("{prompt}" in self.prompt_template, "data.prompt_template", self.prompt_template, "must contain {prompt}")
+        _require(self.eval_limit is None or self.eval_limit > 0, "data.eval_limit", self.eval_limit, "must be > 0 or null")
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per optimizer update (global, across processes)."""
+    n: int = 1
+    """Responses sampled per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, "rollout.batch_size", self.batch_size, "must be > 0")
+        _require(self.n > 0, "rollout.n", self.n, "must be > 0")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 for sampling")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.max_new_tokens > 0, "rollout.max_new_tokens", self.max_new_tokens, "must be > 0")
+
+
+@dataclass
+class LossConfig:
+    method: str = "opd"
+    """`opd` (A = lp_T - lp_old) or `gopd` (A = lam*(lp_T - lp_B) - (lp_old - lp_B))."""
+    lam: float = 1.0
+    """G-OPD reward-extrapolation factor (1 = OPD, 1.25 = ExOPD)."""
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip_c: float | None = 3.0
+    aggregation: str = "token-mean"
+    rollout_is: bool = False
+    """Weight tokens by min(exp(lp_old - lp_roll), is_cap) (for rollout engines that differ from the trainer)."""
+    is_cap: float = 5.0
+
+    def __post_init__(self):
+        _require(self.method in METHODS, "loss.method", self.method, f"choose one of {METHODS}")
+        _require(self.lam >= 0, "loss.lam", self.lam, "must be >= 0")
+        _require(self.clip_eps_low >= 0 and self.clip_eps_high >= 0, "loss.clip_eps_*", (self.clip_eps_low, self.clip_eps_high), "must be >= 0")
+        _require(self.dual_clip_c is None or self.dual_clip_c > 1, "loss.dual_clip_c", self.dual_clip_c, "must be > 1 or null")
+        _require(self.aggregation in AGGREGATIONS, "loss.aggregation", self.aggregation, f"choose one of {AGGREGATIONS}")
+        _require(self.is_cap > 0, "loss.is_cap", self.is_cap, "must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    grad_clip: float | None = 1.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two values in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "must be > 0 or null")
+        _require(self.scheduler in SCHEDULERS, "optim.scheduler", self.scheduler, f"choose one of {SCHEDULERS}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    seed: int = 0
+    micro_batch_size: int | None = None
+    """Rows per forward/backward pass (gradient accumulation inside one update); null = whole batch."""
+    eval_every: int = 25
+    """Evaluate every N steps (and at step 0 and the end); 0 = only at the end."""
+    save_every: int = 50
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int | None = None
+    """Keep only the newest K checkpoints (null = keep all)."""
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu` or `cuda`."""
+    score_chunk_size: int | None = None
+    """Rows per teacher/base scoring pass (null = whole batch)."""
+
+    def __post_init__(self):
+        _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
+        _require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be > 0 or null")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
+        _require(self.save_every > 0, "train.save_every", self.save_every, "must be > 0")
+        _require(self.keep_last is None or self.keep_last > 0, "train.keep_last", self.keep_last, "must be > 0 or null")
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
+
+
+@dataclass
+class EvalConfig:
+    greedy: bool = True
+    samples: int = 1
+    """Responses per prompt when not greedy (avg@k / pass@k)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 256
+    seed: int = 1234
+    """Seed of evaluation sampling (its own generator; never the training stream)."""
+
+    def __post_init__(self):
+        _require(self.samples > 0, "eval.samples", self.samples, "must be > 0")
+        _require(self.greedy or self.temperature > 0, "eval.temperature", self.temperature, "must be > 0 when sampling")
+        _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "must be > 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory if is_dataclass(f.default_factory) else None  # type: ignore[arg-type]
+        keys.append(prefix + f.name)
+        if sub is not None:
+            keys += _all_keys(sub, prefix + f.name + ".")
+    return keys
+
+
+def _suggest(bad_key: str) -> str:
+    close = difflib.get_close_matches(bad_key, _all_keys(Config), n=1, cutoff=0.5)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults <- each YAML file in order <- dotted ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    for path in files:
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = getattr(err, "full_key", None) or str(err)
+        raise ConfigError(f"config: unknown key `{key}`{_suggest(str(key))}") from err
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "")
+        raise ConfigError(f"config: bad value for `{key}`: {err.msg if hasattr(err, 'msg') else err}") from err
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))

@@ -1,0 +1,331 @@
+"""The training loop: rollout -> score -> advantages -> loss -> update -> log -> eval -> checkpoint.
+
+``train(cfg, run_dir)`` is read top to bottom; every stage is one call. It runs single-process by
+default and under ``accelerate launch`` as data-parallel replicas (each process samples its
+share of the global batch; gradients are averaged by DDP).
+
+On-policy shortcut: with one optimizer update per batch the "old" policy is the current one, so
+``lp_old`` is the detached ``lp_theta`` of the same forward pass (the PPO ratio is exactly 1 and
+the clip is inactive), as in verl/TRL when there is a single update per rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from effopd import checkpoint as ckpt
+from effopd.config import Config, from_yaml_text, to_yaml
+from effopd.data import load_split
+from effopd.evaluate import evaluate_model
+from effopd.losses import gopd_advantages, masked_mean, opd_advantages, ppo_clip_loss, token_is_weight
+from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
+from effopd.rewards import reward
+from effopd.rollout import generate
+from effopd.scoring import score, token_logprobs
+from effopd.utils import atomic_write_text
+
+# Keys that may change when resuming (they do not alter the trajectory up to the checkpoint).
+RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.keep_last"}
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+class PromptSampler:
+    """Epoch-wise shuffled prompt order from its own generator; its state is two integers."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out, order = [], self._order()
+        while len(out) < k:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                order = self._order()
+            take = min(k - len(out), self.n - self.cursor)
+            out += order[self.cursor : self.cursor + take]
+            self.cursor += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl, one object per step; truncated back to a checkpoint on resume."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+@dataclass
+class Models:
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    base: torch.nn.Module | None
+    tokenizer: object
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Config:
+    """Never overwrite a run silently: a non-empty run directory needs ``--resume`` (continue it)
+    or ``--overwrite`` (delete it). Returns the config to use."""
+    saved = run_dir / "config.yaml"
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if occupied and not (resume or overwrite):
+        raise RunDirError(
+            f"run directory {run_dir} already holds a run; pass --resume to continue it or "
+            "--overwrite to delete it and start again"
+        )
+    if overwrite and occupied and is_main:
+        shutil.rmtree(run_dir)
+    if resume and saved.exists():
+        old = from_yaml_text(saved.read_text())
+        diff = _diff(old, cfg) - RESUMABLE_KEYS
+        if diff:
+            raise RunDirError(
+                f"--resume: the config differs from {saved} in {sorted(diff)}; only "
+                f"{sorted(RESUMABLE_KEYS)} may change on resume. Use a new run directory instead"
+            )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, to_yaml(cfg))
+    return cfg
+
+
+def _diff(a: Config, b: Config) -> set[str]:
+    from omegaconf import OmegaConf
+
+    fa, fb = (_flatten(OmegaConf.to_container(OmegaConf.structured(x))) for x in (a, b))
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
+    m = cfg.model
+    tok = load_tokenizer(m.student, "student")
+    check_same_vocab(tok, load_tokenizer(m.teacher, "teacher"), m.student, m.teacher)
+    student = load_model(student_path or m.student, "student", m.dtype, device)
+    teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
+    base = None
+    if cfg.loss.method == "gopd":  # the frozen student *init*, never a resumed checkpoint
+        base = freeze(load_model(m.base or m.student, "student", m.dtype, device))
+    return Models(student, teacher, base, tok)
+
+
+def _lr_scheduler(cfg: Config, optimizer):
+    name = cfg.optim.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps)
+
+
+def evaluate_step(cfg: Config, model, tokenizer, examples, run_dir: Path, step: int) -> dict:
+    e = cfg.eval
+    records: list = []
+    metrics = evaluate_model(
+        model, tokenizer, examples, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
+        temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed, records=records,
+    )
+    atomic_write_text(run_dir / "eval" / f"step-{step}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def policy_step(cfg: Config, accelerator: Accelerator, models: Models, rollout, golds: list[str]) -> dict:
+    """Score the rollout, form advantages, and accumulate gradients of the policy loss over
+    micro-batches (weighted so that the result equals one pass over the whole batch)."""
+    t0 = time.time()
+    chunk = cfg.train.score_chunk_size
+    teacher_logp_BT = score(models.teacher, rollout, chunk_size=chunk)
+    base_logp_BT = score(models.base, rollout, chunk_size=chunk) if models.base is not None else None
+    t_score = time.time() - t0
+
+    B = rollout.response_ids_BT.shape[0]
+    mb = cfg.train.micro_batch_size or B
+    total_tokens = rollout.response_mask_BT.sum().clamp(min=1)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "reverse_kl": 0.0}
+    for i in range(0, B, mb):
+        part, sl = rollout.select(slice(i, i + mb)), slice(i, i + mb)
+        mask_BT = part.response_mask_BT.to(teacher_logp_BT.device)
+        logp_BT = token_logprobs(models.student, part, temperature=cfg.rollout.temperature)
+        old_logp_BT = logp_BT.detach()
+        if cfg.loss.method == "gopd":
+            adv_BT = gopd_advantages(teacher_logp_BT[sl], old_logp_BT, base_logp_BT[sl], mask_BT, cfg.loss.lam)
+        else:
+            adv_BT = opd_advantages(teacher_logp_BT[sl], old_logp_BT, mask_BT)
+        w_BT = token_is_weight(old_logp_BT, part.logp_BT.to(old_logp_BT.device), cfg.loss.is_cap) if cfg.loss.rollout_is else None
+        loss, m = ppo_clip_loss(
+            logp_BT, old_logp_BT, adv_BT, mask_BT, clip_eps_low=cfg.loss.clip_eps_low,
+            clip_eps_high=cfg.loss.clip_eps_high, dual_clip_c=cfg.loss.dual_clip_c, is_weight_BT=w_BT,
+            agg=cfg.loss.aggregation, norm_len=rollout.response_ids_BT.shape[1],
+        )
+        weight = (mask_BT.sum() / total_tokens) if cfg.loss.aggregation == "token-mean" else (part.response_ids_BT.shape[0] / B)
+        last = i + mb >= B
+        with accelerator.no_sync(models.student) if not last else _nullcontext():
+            accelerator.backward(loss * weight)
+        sums["loss"] += loss.item() * float(weight)
+        sums["clip_frac"] += m.get("clip_frac", 0.0) * float(weight)
+        sums["reverse_kl"] += float(masked_mean(old_logp_BT - teacher_logp_BT[sl], mask_BT)) * float(weight)
+    acc = [reward(t, g) for t, g in zip(rollout.texts, golds)]
+    return {
+        "train/loss": sums["loss"],
+        "train/reverse_kl": sums["reverse_kl"],
+        "train/clip_frac": sums["clip_frac"],
+        "train/reward": sum(acc) / len(acc),
+        "train/response_length": rollout.lengths_B.float().mean().item(),
+        "time/score": t_score,
+    }
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler) -> None:
+    root = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        tmp = ckpt.begin(root, step)
+        accelerator.unwrap_model(models.student).save_pretrained(tmp)
+        models.tokenizer.save_pretrained(tmp)
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
+            tmp / ckpt.STATE_FILE,
+        )
+    accelerator.wait_for_everyone()
+    ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.finish(root, step, accelerator.num_processes, cfg.train.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) one training run in ``run_dir``; returns the final evaluation metrics."""
+    run_dir = Path(run_dir)
+    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=use_cpu)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    cfg = prepare_run_dir(cfg, run_dir, resume, overwrite, is_main)
+    accelerator.wait_for_everyone()
+    if cfg.rollout.batch_size % world:
+        raise ValueError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes")
+
+    resume_from = ckpt.latest(run_dir / "checkpoints") if resume else None
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)
+    models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from else None)
+    train_set, eval_set = load_split(cfg.data.train, cfg.data, "train"), load_split(cfg.data.eval, cfg.data, "eval")
+    if not train_set:
+        raise ValueError(f"data.train={cfg.data.train} holds no examples")
+
+    optimizer = torch.optim.AdamW(
+        models.student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = _lr_scheduler(cfg, optimizer)
+    models.student, optimizer, scheduler = accelerator.prepare(models.student, optimizer, scheduler)
+    unwrapped = accelerator.unwrap_model(models.student)
+    sampler = PromptSampler(len(train_set), cfg.train.seed)
+    log = MetricsLog(run_dir / "metrics.jsonl", is_main)
+
+    start = 0
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        ckpt.load_rng(resume_from, accelerator.process_index)
+        log.truncate_after(start)
+        if is_main:
+            print(f"resuming {run_dir} from {resume_from.name}")
+    elif is_main:
+        log.truncate_after(-1)
+
+    def maybe_eval(step: int) -> dict:
+        metrics = {}
+        if is_main:
+            metrics = evaluate_step(cfg, unwrapped, models.tokenizer, eval_set, run_dir, step)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    if start == 0 and cfg.train.eval_every:
+        log.log(0, maybe_eval(0))
+
+    per_rank = cfg.rollout.batch_size // world
+    bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and is_main), initial=start, total=cfg.train.steps)
+    metrics: dict = {}
+    for step in bar:
+        t_step = time.time()
+        idx = sampler.next(cfg.rollout.batch_size)
+        local = idx[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+        examples = [train_set[i] for i in local for _ in range(cfg.rollout.n)]
+
+        t0 = time.time()
+        rollout = generate(
+            unwrapped, models.tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+        )
+        t_rollout = time.time() - t0
+
+        t0 = time.time()
+        metrics = policy_step(cfg, accelerator, models, rollout, [e.answer for e in examples])
+        grad_norm = accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update({
+            "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+            "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
+        })
+        metrics["time/step"] = time.time() - t_step
+
+        last = step == cfg.train.steps
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+            metrics.update(maybe_eval(step))
+        log.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", kl=f"{metrics['train/reverse_kl']:.3f}",
+                        **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
+        if step % cfg.train.save_every == 0 or last:
+            save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return {k: v for k, v in metrics.items() if k.startswith("eval/")}
