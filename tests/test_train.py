@@ -1,0 +1,160 @@
+"""End-to-end trainer tests on tiny random models (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from effopd import cli
+from effopd import train as train_mod
+from effopd.config import load_config
+from effopd.train import RunDirError, train
+
+
+def _overrides(tiny_models, **extra) -> list[str]:
+    base = {
+        "model.student": tiny_models["student"], "model.teacher": tiny_models["teacher"],
+        "rollout.batch_size": 4, "rollout.max_new_tokens": 10, "data.eval_limit": 8,
+        "eval.max_new_tokens": 10, "train.steps": 2, "train.eval_every": 1, "train.save_every": 1,
+        "optim.lr": 1e-2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step-{step}" / "model.safetensors")
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--run-dir", str(run), "--no-progress", *_overrides(tiny_models)]) == 0
+    assert (run / "config.yaml").exists()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    for key in ("train/loss", "train/reverse_kl", "train/reward", "train/grad_norm", "time/rollout", "time/score", "time/update", "eval/accuracy"):
+        assert key in lines[1], key
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["step-0.jsonl", "step-1.jsonl", "step-2.jsonl"]
+    ck = run / "checkpoints" / "step-2"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "rng-rank0.pt", "COMPLETE"} <= {p.name for p in ck.iterdir()}
+    # the checkpoint is a plain HF model, and training moved it away from the init
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ck)
+    init = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    moved = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), init.parameters()))
+    assert moved > 0
+    assert "eval/accuracy" in capsys.readouterr().out
+
+
+def test_existing_run_dir_is_refused(tiny_models, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--run-dir", str(run), "--no-progress", *_overrides(tiny_models, **{"train.steps": 1})]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and str(run) in err
+    assert cli.main(args + ["--overwrite"]) == 0
+
+
+def test_resume_changing_the_trajectory_is_refused(tiny_models, tmp_path):
+    run = tmp_path / "run"
+    train(load_config([], _overrides(tiny_models, **{"train.steps": 1})), run, progress=False)
+    with pytest.raises(RunDirError, match="optim.lr"):
+        train(load_config([], _overrides(tiny_models, **{"optim.lr": 0.5})), run, resume=True, progress=False)
+
+
+def test_resume_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
+    """4 uninterrupted steps == 2 steps, a crash in step 3, and --resume to step 4 (bitwise)."""
+    cfg = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.save_every": 2, "train.eval_every": 2}))
+    train(cfg, tmp_path / "a", progress=False)
+
+    real_generate, calls = train_mod.generate, {"n": 0}
+
+    def crashing_generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "generate", crashing_generate)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(train_mod, "generate", real_generate)
+    assert not (tmp_path / "b" / "checkpoints" / "step-4").exists()
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+
+    _assert_same(_weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4))
+    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in b] == [x["step"] for x in a]
+    assert [x.get("train/loss") for x in b] == [x.get("train/loss") for x in a]
+
+
+def test_evaluation_does_not_change_training(tiny_models, tmp_path):
+    with_eval = load_config([], _overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 1}))
+    without = load_config([], _overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 0}))
+    train(with_eval, tmp_path / "a", progress=False)
+    train(without, tmp_path / "b", progress=False)
+    _assert_same(_weights(tmp_path / "a", 3), _weights(tmp_path / "b", 3))
+
+
+def test_gopd_lambda_one_equals_opd(tiny_models, tmp_path):
+    train(load_config([], _overrides(tiny_models)), tmp_path / "opd", progress=False)
+    train(load_config([], _overrides(tiny_models, **{"loss.method": "gopd", "loss.lam": 1.0})), tmp_path / "gopd", progress=False)
+    a, b = _weights(tmp_path / "opd", 2), _weights(tmp_path / "gopd", 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_micro_batches_equal_one_batch(tiny_models, tmp_path):
+    train(load_config([], _overrides(tiny_models, **{"train.steps": 1})), tmp_path / "a", progress=False)
+    train(load_config([], _overrides(tiny_models, **{"train.steps": 1, "train.micro_batch_size": 3})), tmp_path / "b", progress=False)
+    a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+DDP_SCRIPT = """
+import hashlib, sys, torch
+from accelerate import PartialState
+from effopd.config import load_config
+from effopd.train import train
+from effopd.models import load_model
+cfg = load_config([], sys.argv[2:])
+train(cfg, sys.argv[1], progress=False)
+state = PartialState()
+model = load_model(sys.argv[1] + "/checkpoints/step-2", "student")
+h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+open(f"{sys.argv[1]}/hash-{state.process_index}", "w").write(h)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel(tiny_models, tmp_path):
+    """Two CPU processes (gloo) train one model: both finish and end with identical replicas."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script), str(run),
+           *_overrides(tiny_models, **{"train.device": "cpu"})]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes = [(run / f"hash-{r}").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    ck = run / "checkpoints" / "step-2"
+    assert (ck / "rng-rank0.pt").exists() and (ck / "rng-rank1.pt").exists()
