@@ -39,6 +39,22 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def _crash_in_step(monkeypatch, step: int, run) -> None:
+    """Run ``run()`` with the policy update of ``step`` raising, as a crash mid-run would."""
+    real, calls = train_mod.policy_step, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "policy_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(train_mod, "policy_step", real)
+
+
 def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--run-dir", str(run), "--no-progress", *_overrides(tiny_models)]) == 0
@@ -82,18 +98,7 @@ def test_resume_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
     cfg = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.save_every": 2, "train.eval_every": 2}))
     train(cfg, tmp_path / "a", progress=False)
 
-    real_generate, calls = train_mod.generate, {"n": 0}
-
-    def crashing_generate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated crash")
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "generate", crashing_generate)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train_mod, "generate", real_generate)
+    _crash_in_step(monkeypatch, 3, lambda: train(cfg, tmp_path / "b", progress=False))
     assert not (tmp_path / "b" / "checkpoints" / "step-4").exists()
     train(cfg, tmp_path / "b", resume=True, progress=False)
 
@@ -158,3 +163,53 @@ def test_two_process_data_parallel(tiny_models, tmp_path):
     assert hashes[0] == hashes[1]
     ck = run / "checkpoints" / "step-2"
     assert (ck / "rng-rank0.pt").exists() and (ck / "rng-rank1.pt").exists()
+
+
+# ---- EffOPD wired into the loop ------------------------------------------------------------
+
+
+def test_effopd_that_never_accepts_is_bitwise_plain_opd(tiny_models, tmp_path):
+    """Random tiny models never solve a problem, so every reward score ties s0 and no candidate
+    is accepted: the run must then equal plain OPD bitwise (validation never touches training)."""
+    plain = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0}))
+    eff = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "extrapolate.enabled": True,
+                                                    "extrapolate.val_prompts": 6}))
+    train(plain, tmp_path / "plain", progress=False)
+    train(eff, tmp_path / "eff", progress=False)
+    _assert_same(_weights(tmp_path / "plain", 4), _weights(tmp_path / "eff", 4))
+    rows = [json.loads(x) for x in (tmp_path / "eff" / "metrics.jsonl").read_text().splitlines()]
+    searched = [r["step"] for r in rows if "extrapolate/accepted_c" in r]
+    assert searched == [1, 2, 4]
+    assert all(r["extrapolate/accepted_c"] == 1.0 and r["extrapolate/candidates"] == [3.0] for r in rows if r["step"] in searched)
+
+
+def test_effopd_selection_leaves_embeddings_and_norms(tiny_models):
+    from effopd.models import load_model
+    from effopd.module_groups import module_group
+    from effopd.train import make_extrapolator
+
+    cfg = load_config([], _overrides(tiny_models, **{"extrapolate.enabled": True}))
+    model = load_model(tiny_models["student"], "student")
+    ex = make_extrapolator(cfg, model)
+    types = {module_group(n).type for n in ex.params}
+    assert types == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in ex.params)
+
+
+def test_resume_mid_effopd_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
+    """A continuous score (teacher logprob) accepts candidates; resuming restores the anchor,
+    the history and the adaptive gain exactly."""
+    cfg = load_config([], _overrides(tiny_models, **{
+        "train.steps": 4, "train.save_every": 2, "train.eval_every": 0, "extrapolate.enabled": True,
+        "extrapolate.score": "teacher_logprob", "extrapolate.schedule": "adaptive", "extrapolate.trigger_steps": "[2,3,4]",
+        "extrapolate.val_prompts": 16, "extrapolate.val_greedy": True, "optim.lr": 0.03, "rollout.batch_size": 8,
+    }))
+    train(cfg, tmp_path / "a", progress=False)
+    _crash_in_step(monkeypatch, 3, lambda: train(cfg, tmp_path / "b", progress=False))
+    assert (tmp_path / "b" / "checkpoints" / "step-2").exists() and not (tmp_path / "b" / "checkpoints" / "step-4").exists()
+    train(cfg, tmp_path / "b", resume=True, progress=False)
+    _assert_same(_weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4))
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in "ab"}
+    pick = lambda rs: [(r["step"], r.get("extrapolate/accepted_c"), r.get("extrapolate/scores")) for r in rs]  # noqa: E731
+    assert pick(rows["a"]) == pick(rows["b"])
+    assert any((r.get("extrapolate/accepted_c") or 1.0) > 1.0 for r in rows["a"]), "no candidate accepted: test too weak"

@@ -70,7 +70,7 @@ class BootstrapConfig:
     def reduced(cls, seed: int = 0) -> "BootstrapConfig":
         """A minute-scale budget for tests: same code path, tiny step counts."""
         cfg = cls(seed=seed, n_test=64)
-        cfg.teacher.steps, cfg.student.steps = 30, 30
+        cfg.teacher.steps, cfg.student.steps = 60, 60
         cfg.teacher.batch_size = cfg.student.batch_size = 16
         return cfg
 

@@ -46,10 +46,13 @@ class DataConfig:
     """Training prompts: .jsonl, .parquet, a `datasets` directory, or `embedded`."""
     eval: str = "embedded"
     """Held-out prompts for periodic evaluation (`embedded` = the embedded task's test split)."""
+    val: str = "embedded"
+    """Validation prompts for EffOPD's accept/reject decisions (`embedded` = the task's val split)."""
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     train_split: str | None = None
     eval_split: str | None = None
+    val_split: str | None = None
     eval_limit: int | None = 1000
     """Evaluate on at most this many held-out prompts (null = all)."""
     prompt_template: str = "{prompt}"
@@ -168,6 +171,45 @@ class EvalConfig:
         _require(self.batch_size > 0, "eval.batch_size", self.batch_size, "must be > 0")
 
 
+EXTRAPOLATE_SCORES = ("reward", "teacher_logprob")
+
+
+@dataclass
+class ExtrapolateConfig:
+    enabled: bool = False
+    """Switch EffOPD on: extrapolate along the update direction at trigger steps."""
+    schedule: str = "paper"
+    """`paper` (c = 3, 5, 7, ...) or `adaptive` (c = 1 + g*2^i, g adapting across searches)."""
+    max_tries: int = 5
+    margin: float = 0.0
+    """Accept a candidate only if it beats the best score by margin x the score's standard error (0 = strict)."""
+    trigger_steps: list[int] | None = None
+    """Steps after which to search; null = powers of two (1, 2, 4, 8, ...)."""
+    max_step: int | None = None
+    """No searches after this step (null = no limit)."""
+    modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "qkv", "gate", "up", "down"])
+    """Module types whose 2-D weights are extrapolated (embeddings, lm_head and norms are left alone)."""
+    score: str = "reward"
+    """`reward` (mean verifiable reward of validation samples) or `teacher_logprob` (teacher's mean per-token logprob of them)."""
+    val_prompts: int = 128
+    val_samples: int = 1
+    val_greedy: bool = False
+    val_seed: int = 4321
+    """Sampling seed of validation; the same for every candidate of one search (common random numbers)."""
+    init_gain: float = 0.5
+    min_gain: float = 0.125
+    storage: str = "cpu"
+    """Device holding the anchor and the rollback copy."""
+
+    def __post_init__(self):
+        _require(self.schedule in ("paper", "adaptive"), "extrapolate.schedule", self.schedule, "choose paper or adaptive")
+        _require(self.max_tries > 0, "extrapolate.max_tries", self.max_tries, "must be > 0")
+        _require(self.margin >= 0, "extrapolate.margin", self.margin, "must be >= 0")
+        _require(self.score in EXTRAPOLATE_SCORES, "extrapolate.score", self.score, f"choose one of {EXTRAPOLATE_SCORES}")
+        _require(self.val_prompts > 0 and self.val_samples > 0, "extrapolate.val_prompts/val_samples", (self.val_prompts, self.val_samples), "must be > 0")
+        _require(0 < self.min_gain <= self.init_gain, "extrapolate.min_gain", self.min_gain, "need 0 < min_gain <= init_gain")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +219,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    extrapolate: ExtrapolateConfig = field(default_factory=ExtrapolateConfig)
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:

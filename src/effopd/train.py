@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -27,12 +28,15 @@ from effopd import checkpoint as ckpt
 from effopd.config import Config, from_yaml_text, to_yaml
 from effopd.data import load_split
 from effopd.evaluate import evaluate_model
+from effopd.extrapolate import Extrapolator, Score
 from effopd.losses import gopd_advantages, masked_mean, opd_advantages, ppo_clip_loss, token_is_weight
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
+from effopd.module_groups import module_group
 from effopd.rewards import reward
 from effopd.rollout import generate
-from effopd.scoring import score, token_logprobs
-from effopd.utils import atomic_write_text
+from effopd.scoring import score as score_logprobs
+from effopd.scoring import token_logprobs
+from effopd.utils import atomic_write_text, isolated_rng
 
 # Keys that may change when resuming (they do not alter the trajectory up to the checkpoint).
 RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.keep_last"}
@@ -172,8 +176,8 @@ def policy_step(cfg: Config, accelerator: Accelerator, models: Models, rollout, 
     micro-batches (weighted so that the result equals one pass over the whole batch)."""
     t0 = time.time()
     chunk = cfg.train.score_chunk_size
-    teacher_logp_BT = score(models.teacher, rollout, chunk_size=chunk)
-    base_logp_BT = score(models.base, rollout, chunk_size=chunk) if models.base is not None else None
+    teacher_logp_BT = score_logprobs(models.teacher, rollout, chunk_size=chunk)
+    base_logp_BT = score_logprobs(models.base, rollout, chunk_size=chunk) if models.base is not None else None
     t_score = time.time() - t0
 
     B = rollout.response_ids_BT.shape[0]
@@ -221,16 +225,55 @@ class _nullcontext:
         return False
 
 
-def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler) -> None:
+ANCHOR_FILE = "extrapolate_anchor.safetensors"
+
+
+def make_extrapolator(cfg: Config, model) -> Extrapolator:
+    """EffOPD over the 2-D weights of the configured module types (logged at start-up)."""
+    x = cfg.extrapolate
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2 and module_group(n).type in x.modules}
+    return Extrapolator(
+        params, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, trigger_steps=x.trigger_steps,
+        max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, storage=x.storage,
+    )
+
+
+def validation_scorer(cfg: Config, model, models: Models, val_set, seed: int):
+    """``score()`` for one search: samples the validation prompts with a fixed seed (the same for
+    every candidate: common random numbers) and returns the mean and standard error over prompts
+    of the verifiable reward, or of the teacher's mean per-token logprob of the samples."""
+    x = cfg.extrapolate
+    k = 1 if x.val_greedy else x.val_samples
+    examples = val_set[: x.val_prompts]
+    prompts = [e.prompt for e in examples for _ in range(k)]
+
+    def score() -> Score:
+        with isolated_rng(seed):
+            ro = generate(model, models.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy)
+        if x.score == "reward":
+            per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
+        else:
+            lp_BT = score_logprobs(models.teacher, ro, chunk_size=cfg.train.score_chunk_size)
+            per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
+        per_prompt = per_sample.view(len(examples), k).mean(-1)
+        noise = float(per_prompt.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
+        return Score(float(per_prompt.mean()), noise)
+
+    return score
+
+
+def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator=None) -> None:
     root = run_dir / "checkpoints"
     if accelerator.is_main_process:
         tmp = ckpt.begin(root, step)
         accelerator.unwrap_model(models.student).save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
-        torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
-            tmp / ckpt.STATE_FILE,
-        )
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+        if extrapolator is not None:
+            state["extrapolate"] = extrapolator.state_dict()
+            save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / ANCHOR_FILE)
+        torch.save(state, tmp / ckpt.STATE_FILE)
     accelerator.wait_for_everyone()
     ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index)
     accelerator.wait_for_everyone()
@@ -265,6 +308,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     unwrapped = accelerator.unwrap_model(models.student)
     sampler = PromptSampler(len(train_set), cfg.train.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", is_main)
+    extrapolator, val_set = None, None
+    if cfg.extrapolate.enabled:
+        val_set = load_split(cfg.data.val, cfg.data, "val")
+        extrapolator = make_extrapolator(cfg, unwrapped)
+        if is_main:
+            n = sum(p.numel() for p in extrapolator.params.values())
+            print(f"EffOPD: extrapolating {len(extrapolator.params)} tensors ({n:,} parameters) of types "
+                  f"{cfg.extrapolate.modules}; validation on {min(len(val_set), cfg.extrapolate.val_prompts)} prompts")
 
     start = 0
     if resume_from is not None:
@@ -273,6 +324,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start = state["step"]
+        if extrapolator is not None:
+            extrapolator.load_state_dict(state["extrapolate"], load_file(resume_from / ANCHOR_FILE))
         ckpt.load_rng(resume_from, accelerator.process_index)
         log.truncate_after(start)
         if is_main:
@@ -316,6 +369,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
             "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
             "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
         })
+        if extrapolator is not None and extrapolator.should_trigger(step):
+            seed = cfg.extrapolate.val_seed + len(extrapolator.history)
+            rec = extrapolator.search(step, validation_scorer(cfg, unwrapped, models, val_set, seed))
+            metrics.update({
+                "extrapolate/s0": rec.s0, "extrapolate/best": rec.best, "extrapolate/accepted_c": rec.accepted_c,
+                "extrapolate/candidates": rec.candidates, "extrapolate/scores": rec.scores, "extrapolate/noise": rec.noise,
+                "extrapolate/update_norm": rec.update_norm, "extrapolate/seconds": rec.seconds,
+                "extrapolate/total_seconds": extrapolator.total_seconds,
+            })
         metrics["time/step"] = time.time() - t_step
 
         last = step == cfg.train.steps
@@ -325,7 +387,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", kl=f"{metrics['train/reverse_kl']:.3f}",
                         **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
         if step % cfg.train.save_every == 0 or last:
-            save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler)
+            save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator)
     bar.close()
     accelerator.wait_for_everyone()
     return {k: v for k, v in metrics.items() if k.startswith("eval/")}

@@ -15,17 +15,15 @@ def embedded_splits(seed: int = 0, min_ops: int = 2, max_ops: int = 3, digits: i
 
 
 def load_split(source: str, data_cfg, which: str) -> list[Example]:
-    """``which`` is "train" or "eval". ``embedded`` gives the task's train or test split."""
+    """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split."""
     if source == EMBEDDED:
         splits = embedded_splits(data_cfg.task_seed, data_cfg.task_min_ops, data_cfg.task_max_ops, data_cfg.task_digits)
-        examples = splits["train" if which == "train" else "test"]
+        examples = splits[{"train": "train", "val": "val", "eval": "test"}[which]]
     else:
         from effopd.data.loaders import load_examples
 
-        examples = load_examples(
-            source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
-            split=data_cfg.train_split if which == "train" else data_cfg.eval_split,
-        )
+        split = {"train": data_cfg.train_split, "val": data_cfg.val_split, "eval": data_cfg.eval_split}[which]
+        examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field, split=split)
     if which == "eval" and data_cfg.eval_limit:
         examples = examples[: data_cfg.eval_limit]
     template = data_cfg.prompt_template

@@ -1,0 +1,80 @@
+"""OPD on the embedded default, several seeds: accuracy vs step, time per step and where it goes.
+
+    python benchmarks/opd_default.py --seeds 0 1 2 [KEY=VALUE ...]
+
+Writes ``benchmarks/results/opd_default.json`` and prints a markdown table for RESULTS.md.
+Each seed changes the training stream (prompt order, sampling); the evaluation set (1,000 test
+problems, greedy) is the same for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from effopd.config import load_config
+from effopd.data import load_split
+from effopd.evaluate import evaluate_model
+from effopd.models import load_model, load_tokenizer
+from effopd.train import train
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_seed(seed: int, overrides: list[str], root: Path) -> dict:
+    cfg = load_config([], [*overrides, f"train.seed={seed}"])
+    run_dir = root / f"seed-{seed}"
+    t0 = time.time()
+    train(cfg, run_dir, overwrite=True, progress=False)
+    wall = time.time() - t0
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    steps = [r for r in rows if "time/step" in r]
+    med = lambda k: statistics.median(r[k] for r in steps)  # noqa: E731
+    return {
+        "seed": seed, "wall_s": wall, "curve": curve,
+        "median_s": {k: med(f"time/{k}") for k in ("step", "rollout", "score", "update")},
+        "final_reward": steps[-1]["train/reward"], "final_length": steps[-1]["train/response_length"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs", type=Path, default=Path("runs/bench-opd"))
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "opd_default.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    cfg = load_config([], args.overrides)
+    teacher = evaluate_model(
+        load_model(cfg.model.teacher, "teacher"), load_tokenizer(cfg.model.teacher, "teacher"),
+        load_split(cfg.data.eval, cfg.data, "eval"), max_new_tokens=cfg.eval.max_new_tokens,
+    )["accuracy"]
+    results = [run_seed(s, args.overrides, args.runs) for s in args.seeds]
+    target = 0.8 * teacher
+    for r in results:
+        reached = [s for s, a in sorted(r["curve"].items()) if a >= target]
+        r["step_to_80pct_teacher"] = reached[0] if reached else None
+    out = {"teacher_accuracy": teacher, "overrides": args.overrides, "runs": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+    steps = sorted(results[0]["curve"])
+    print(f"teacher greedy accuracy {teacher:.1%}; 80% of it = {target:.1%}\n")
+    print("| step | " + " | ".join(f"seed {r['seed']}" for r in results) + " | median |")
+    print("|---" * (len(results) + 2) + "|")
+    for s in steps:
+        accs = [r["curve"][s] for r in results]
+        print(f"| {s} | " + " | ".join(f"{a:.1%}" for a in accs) + f" | {statistics.median(accs):.1%} |")
+    print("\nstep reaching 80% of teacher:", [r["step_to_80pct_teacher"] for r in results])
+    for k in ("step", "rollout", "score", "update"):
+        print(f"median seconds/{k}: " + ", ".join(f"{r['median_s'][k]:.3f}" for r in results))
+    print("wall seconds per run:", [round(r["wall_s"]) for r in results])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""EffOPD: extrapolate the weights along the current update direction, keep only what helps.
+
+At trigger steps (1, 2, 4, 8, ... by default) the controller takes the selected parameters
+θ_t, the anchor θ_a (the student init at first), and the direction d = θ_t − θ_a, and tries
+candidates θ_a + c·d for a sequence of scales c > 1. A candidate is accepted only if its
+validation score beats the best so far by more than ``margin`` times the score's estimated
+noise; the search stops at the first candidate that does not, and the best state is restored
+exactly (θ_t bitwise when nothing was accepted). The anchor then becomes the accepted state.
+
+It is engine-agnostic: it sees a dict of named tensors (local shards are fine, every operation
+is elementwise), keeps the anchor and one rollback copy (on CPU by default), and calls a
+``score()`` callable. It never touches the optimizer or the learning-rate schedule.
+
+Candidate schedules:
+
+- ``paper``: c = 3, 5, 7, 9, 11, ... (``max_tries`` of them): what the reference implementation's
+  factor sequence 2, 2/3, 2/5, ... amounts to.
+- ``adaptive``: c_i = 1 + g·2^i, i = 0..max_tries-1, where the gain g adapts across searches:
+  after an accept at c_j the next search starts from g·2^j (it keeps the scale that worked);
+  after a reject of the first candidate g halves (down to ``min_gain``), so it can probe scales
+  between 1 and 3 where the large paper steps overshoot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Score:
+    """A validation score and its estimated standard error."""
+
+    value: float
+    noise: float = 0.0
+
+
+@dataclass
+class SearchRecord:
+    step: int
+    s0: float
+    noise: float
+    candidates: list[float] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    accepted_c: float = 1.0
+    best: float = 0.0
+    seconds: float = 0.0
+    update_norm: float = 0.0
+    """‖θ_t − θ_anchor‖ over the selected parameters (local shard)."""
+
+
+def pow2_steps(step: int) -> bool:
+    return step > 0 and step & (step - 1) == 0
+
+
+class Extrapolator:
+    """The EffOPD controller. ``params`` maps names to the live (selected) parameter tensors."""
+
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        *,
+        schedule: str = "paper",
+        max_tries: int = 5,
+        margin: float = 0.0,
+        trigger_steps: list[int] | None = None,
+        max_step: int | None = None,
+        init_gain: float = 0.5,
+        min_gain: float = 0.125,
+        storage: str | torch.device = "cpu",
+    ):
+        if schedule not in ("paper", "adaptive"):
+            raise ValueError(f"extrapolate.schedule={schedule!r}: choose `paper` or `adaptive`")
+        if max_tries < 1:
+            raise ValueError(f"extrapolate.max_tries={max_tries} must be >= 1")
+        if margin < 0:
+            raise ValueError(f"extrapolate.margin={margin} must be >= 0")
+        if not params:
+            raise ValueError("extrapolate: no parameters selected; check extrapolate.modules")
+        self.params = params
+        self.schedule, self.max_tries, self.margin = schedule, max_tries, margin
+        self.trigger_steps = set(trigger_steps) if trigger_steps else None
+        self.max_step = max_step
+        self.gain, self.min_gain = init_gain, min_gain
+        self.storage = torch.device(storage)
+        self.anchor = {n: p.detach().to(self.storage, copy=True) for n, p in params.items()}
+        self.history: list[SearchRecord] = []
+        self.total_seconds = 0.0
+
+    # ---- schedule --------------------------------------------------------------------------
+
+    def should_trigger(self, step: int) -> bool:
+        if self.max_step is not None and step > self.max_step:
+            return False
+        return step in self.trigger_steps if self.trigger_steps is not None else pow2_steps(step)
+
+    def candidates(self) -> list[float]:
+        if self.schedule == "paper":
+            return [3.0 + 2.0 * i for i in range(self.max_tries)]
+        return [1.0 + self.gain * 2.0**i for i in range(self.max_tries)]
+
+    def _adapt(self, accepted_index: int | None) -> None:
+        if self.schedule != "adaptive":
+            return
+        if accepted_index is None:
+            self.gain = max(self.gain / 2.0, self.min_gain)
+        else:
+            self.gain = self.gain * 2.0**accepted_index
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _set(self, backup: dict[str, torch.Tensor], c: float) -> None:
+        """params <- anchor + c·(backup − anchor), elementwise per tensor; c = 1 copies backup."""
+        for n, p in self.params.items():
+            if c == 1.0:
+                p.copy_(backup[n])
+            else:
+                a = self.anchor[n]
+                p.copy_((a + c * (backup[n] - a)).to(p.device, p.dtype))
+
+    @torch.no_grad()
+    def search(self, step: int, score: Callable[[], Score]) -> SearchRecord:
+        """Run one search at ``step``; leaves the parameters at the best state found."""
+        t0 = time.time()
+        backup = {n: p.detach().to(self.storage, copy=True) for n, p in self.params.items()}
+        norm = sum(float((backup[n].float() - self.anchor[n].float()).pow(2).sum()) for n in backup) ** 0.5
+        first = score()
+        rec = SearchRecord(step=step, s0=first.value, noise=first.noise, best=first.value, update_norm=norm)
+        best_c, accepted_index = 1.0, None
+        for i, c in enumerate(self.candidates()):
+            self._set(backup, c)
+            s = score()
+            rec.candidates.append(c)
+            rec.scores.append(s.value)
+            if s.value > rec.best + self.margin * max(first.noise, s.noise):
+                rec.best, best_c, accepted_index = s.value, c, i
+            else:
+                break
+        self._set(backup, best_c)
+        rec.accepted_c = best_c
+        self._adapt(accepted_index)
+        for n, p in self.params.items():
+            self.anchor[n].copy_(p.detach())
+        rec.seconds = time.time() - t0
+        self.total_seconds += rec.seconds
+        self.history.append(rec)
+        return rec
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything but the anchor tensors (saved separately as safetensors)."""
+        return {
+            "history": [asdict(r) for r in self.history], "gain": self.gain, "total_seconds": self.total_seconds,
+        }
+
+    def load_state_dict(self, state: dict, anchor: dict[str, torch.Tensor]) -> None:
+        missing = set(self.anchor) - set(anchor)
+        if missing:
+            raise ValueError(f"extrapolation anchor in the checkpoint lacks {sorted(missing)[:3]}")
+        for n in self.anchor:
+            self.anchor[n].copy_(anchor[n])
+        self.history = [SearchRecord(**r) for r in state["history"]]
+        self.gain, self.total_seconds = state["gain"], state["total_seconds"]

@@ -1,0 +1,115 @@
+"""The EffOPD controller on toy problems: no model needed."""
+
+import pytest
+import torch
+
+from effopd.extrapolate import Extrapolator, Score, pow2_steps
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def _distance_score(params, target, calls=None):
+    """Score = −‖θ − target‖ (higher is better), noise-free."""
+    def score():
+        if calls is not None:
+            calls.append({n: p.clone() for n, p in params.items()})
+        return Score(-sum(float((params[n] - target[n]).pow(2).sum()) for n in params) ** 0.5)
+    return score
+
+
+def test_pow2_trigger_and_explicit_steps():
+    assert [s for s in range(1, 40) if pow2_steps(s)] == [1, 2, 4, 8, 16, 32]
+    ex = Extrapolator(_params(), trigger_steps=[3, 7], max_step=5)
+    assert [s for s in range(10) if ex.should_trigger(s)] == [3]
+
+
+def test_search_lands_where_the_score_peaks():
+    """θ0 = 0, one step moved θ to d; the optimum is at 7·d: the paper grid accepts 3, 5, 7 and
+    stops at 9 (worse than 7), leaving exactly 7·d."""
+    d = _params(1)
+    params = {n: v.clone() for n, v in d.items()}
+    ex = Extrapolator(params, schedule="paper")
+    for n in ex.anchor:
+        ex.anchor[n].zero_()
+    target = {n: 7 * v for n, v in d.items()}
+    rec = ex.search(1, _distance_score(params, target))
+    assert rec.candidates == [3, 5, 7, 9]
+    assert rec.accepted_c == 7
+    for n in params:
+        torch.testing.assert_close(params[n], 7 * d[n])
+        assert torch.equal(ex.anchor[n], params[n])  # the anchor becomes the accepted state
+
+
+def test_rollback_is_bitwise_and_anchor_moves_to_theta_t():
+    anchor, theta = _params(2), _params(3)
+    params = {n: v.clone() for n, v in theta.items()}
+    ex = Extrapolator(params)
+    for n in ex.anchor:
+        ex.anchor[n].copy_(anchor[n])
+    scores = iter([0.5, 0.4])  # s0, then c=3 is worse: reject and stop
+    rec = ex.search(1, lambda: Score(next(scores)))
+    assert rec.candidates == [3] and rec.accepted_c == 1.0
+    for n in params:
+        assert torch.equal(params[n], theta[n])
+        assert torch.equal(ex.anchor[n], theta[n])
+
+
+def test_state_after_search_never_scores_below_s0():
+    torch.manual_seed(0)
+    for trial in range(20):
+        params = _params(trial)
+        ex = Extrapolator(params, schedule="adaptive")
+        target = _params(100 + trial)
+        score = _distance_score(params, target)
+        rec = ex.search(1, score)
+        assert score().value >= rec.s0
+        assert score().value == rec.best
+
+
+def test_margin_rejects_gains_within_noise():
+    params = _params()
+    ex = Extrapolator(params, margin=2.0)
+    scores = iter([Score(0.50, 0.05), Score(0.55, 0.05)])  # +0.05 < 2 x 0.05
+    rec = ex.search(1, lambda: next(scores))
+    assert rec.accepted_c == 1.0
+
+
+def test_adaptive_schedule_probes_small_scales_and_adapts():
+    ex = Extrapolator(_params(), schedule="adaptive", max_tries=4, init_gain=0.5, min_gain=0.125)
+    assert ex.candidates() == [1.5, 2.0, 3.0, 5.0]
+    ex._adapt(None)
+    assert ex.candidates()[0] == 1.25
+    ex._adapt(None), ex._adapt(None)
+    assert ex.candidates()[0] == 1.125  # floored at min_gain
+    ex._adapt(2)
+    assert ex.candidates()[0] == 1.5
+
+
+def test_only_selected_tensors_change():
+    full = {"sel": torch.ones(3), "other": torch.full((3,), 2.0)}
+    ex = Extrapolator({"sel": full["sel"]})
+    ex.anchor["sel"].zero_()
+    scores = iter([0.0, 1.0, 0.5])  # accept c=3, reject c=5
+    ex.search(1, lambda: Score(next(scores)))
+    assert torch.equal(full["sel"], torch.full((3,), 3.0))
+    assert torch.equal(full["other"], torch.full((3,), 2.0))
+
+
+def test_state_dict_round_trip():
+    params = _params()
+    ex = Extrapolator(params, schedule="adaptive")
+    scores = iter([0.0, 1.0, 0.5])
+    ex.search(4, lambda: Score(next(scores)))
+    other = Extrapolator(_params(9), schedule="adaptive")
+    other.load_state_dict(ex.state_dict(), ex.anchor)
+    assert other.gain == ex.gain and other.history == ex.history
+    assert all(torch.equal(other.anchor[n], ex.anchor[n]) for n in params)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(schedule="x"), "schedule"), (dict(max_tries=0), "max_tries"), (dict(margin=-1), "margin")])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Extrapolator(_params(), **kwargs)
