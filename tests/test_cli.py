@@ -54,3 +54,23 @@ def test_reduced_bootstrap_end_to_end(tmp_path):
         assert 0.0 <= saved[role]["test_greedy_accuracy"] <= 1.0
         curve = saved[role]["loss_curve"]
         assert len(curve) == 2 and curve[1] < curve[0]  # the loss fell between the two 50-step windows
+
+
+@pytest.mark.slow
+def test_analyze_a_training_run(tiny_models, tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"model.student={tiny_models['student']}", f"model.teacher={tiny_models['teacher']}", "train.steps=3",
+                 "train.save_every=1", "train.eval_every=0", "rollout.batch_size=4", "rollout.max_new_tokens=8",
+                 "data.eval_limit=4", "eval.max_new_tokens=8", "optim.lr=1e-2"]
+    assert cli.main(["train", "--run-dir", str(run), "--no-progress", *overrides]) == 0
+    out = tmp_path / "analysis"
+    code = cli.main(["analyze", "--base", tiny_models["student"], "--checkpoints", str(run / "checkpoints"),
+                     "--out", str(out), "--eval-limit", "4", "--max-new-tokens", "8"])
+    assert code == 0
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["steps"] == [1, 2, 3]
+    assert record["eval"]["ran"] is True and len(record["eval"]["efficiency"]) == 3
+    assert (out / "tensors.safetensors").exists()
+    # analysing again into the same directory is refused unless asked
+    assert cli.main(["analyze", "--base", tiny_models["student"], "--checkpoints", str(run / "checkpoints"),
+                     "--out", str(out), "--no-eval"]) == 2

@@ -1,4 +1,4 @@
-"""The `effopd` command: demo | bootstrap | train | eval."""
+"""The `effopd` command: demo | bootstrap | train | eval | analyze."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   effopd train --config my.yaml --run-dir runs/x --resume
   effopd eval --model runs/opd/checkpoints/step-200 --data embedded
   effopd bootstrap --out build/default --export-jsonl build/data
+  effopd analyze --base embedded --checkpoints runs/opd/checkpoints --out runs/opd/analysis
 """
 
 
@@ -69,6 +70,56 @@ def _add_demo(sub) -> None:
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze", help="parameter-dynamics analyses of a sequence of checkpoints",
+        description="Where the update went (modules, layers), how low-rank it is, how early its direction "
+        "locks in, and what scaling an early checkpoint recovers. Reads any HF safetensors checkpoints "
+        "one tensor at a time; writes OUT/analysis.json and OUT/tensors.safetensors.",
+    )
+    p.add_argument("--base", required=True, help="the initial model (θ_0); `embedded` = the shipped student")
+    p.add_argument("--checkpoints", required=True, nargs="+", metavar="CKPT",
+                   help="a run's checkpoints/ folder, step-N directories, or STEP=PATH pairs")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the analyses that evaluate models (efficiency, functional contribution, low-rank "
+                   "reconstruction, weight scaling)")
+    p.add_argument("--eval-data", default="embedded", help="prompt set for those evaluations (default: embedded test split)")
+    p.add_argument("--eval-limit", type=int, default=500, help="evaluate on at most N prompts (greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--rank", type=int, default=8, help="r of the top-r subspaces compared over training")
+    p.add_argument("--exact-svd", action="store_true", help="exact SVD for every matrix (default: exact only when small)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
+
+
+def make_eval_fn(data: str, limit: int | None, max_new_tokens: int):
+    """``model_dir -> metrics``: greedy accuracy of a model directory on a prompt set."""
+    from effopd.config import DataConfig
+    from effopd.data import load_split
+    from effopd.evaluate import evaluate_model
+    from effopd.models import load_model, load_tokenizer
+
+    examples = load_split(data, DataConfig(eval_limit=limit), "eval")
+
+    def eval_fn(model_dir) -> dict:
+        model_dir = str(model_dir)
+        return evaluate_model(load_model(model_dir, "student"), load_tokenizer(model_dir), examples, max_new_tokens=max_new_tokens)
+
+    return eval_fn
+
+
+def cmd_analyze(args) -> int:
+    from effopd.analysis import analyze
+    from effopd.analysis.io import parse_checkpoint_args
+    from effopd.models import resolve
+
+    eval_fn = None if args.no_eval else make_eval_fn(args.eval_data, args.eval_limit, args.max_new_tokens)
+    record = analyze(resolve(args.base, "student"), parse_checkpoint_args(args.checkpoints), args.out, rank=args.rank,
+                     exact_svd=True if args.exact_svd else None, eval_fn=eval_fn, overwrite=args.overwrite)
+    print(f"analysed {len(record['steps'])} checkpoints (steps {record['steps']}) -> {args.out}/analysis.json")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -152,15 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="effopd", description="On-policy distillation with EffOPD extrapolation.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze}")
     _add_demo(sub)
     _add_bootstrap(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_analyze(sub)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars; effopd shows its own
     from effopd.errors import USER_ERRORS
 
-    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval}
+    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze}
     try:
         return handlers[args.command](args)
     except USER_ERRORS as err:

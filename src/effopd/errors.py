@@ -5,6 +5,7 @@ from effopd.checkpoint import CheckpointError
 from effopd.config import ConfigError
 from effopd.data.loaders import DatasetError
 from effopd.models import ModelLoadError
+from effopd.module_groups import UnknownParameterError
 from effopd.train import RunDirError
 
-USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, RunDirError, CheckpointError)
+USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, RunDirError, CheckpointError, UnknownParameterError)

@@ -1,0 +1,156 @@
+"""Read what a run directory holds for the report, and nothing else.
+
+    RUN_DIR/metrics.jsonl                      one JSON object per logged step
+    RUN_DIR/config.yaml                        the resolved config (shown, and read for a few keys)
+    RUN_DIR/analysis/analysis.json             written by ``effopd.analysis.analyze`` (schema there)
+    RUN_DIR/analysis/tensors.safetensors       its arrays (singular values, PCA coordinates, ...)
+
+Every file may be missing or damaged; :class:`Run` then carries a note saying what is missing
+and how to produce it, and the sections that need the file show that note instead of a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ANALYSIS_DIR = "analysis"
+ANALYSIS_JSON = "analysis.json"
+ANALYSIS_TENSORS = "tensors.safetensors"
+SCHEMA = "effopd.analysis/1"
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    path: Path
+    label: str
+    metrics: list[dict] = field(default_factory=list)
+    metrics_note: str | None = None
+    config_text: str | None = None
+    config: dict = field(default_factory=dict)
+    analysis: dict | None = None
+    analysis_note: str | None = None
+    tensors_path: Path | None = None
+
+    def cfg(self, dotted: str, default=None):
+        """A value of config.yaml by dotted key (``extrapolate.enabled``), or ``default``."""
+        node = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a numeric metric over the rows that log it (finite values only)."""
+        steps, values = [], []
+        for row in self.metrics:
+            v = row.get(key)
+            if is_number(v) and math.isfinite(v) and is_number(row.get("step")):
+                steps.append(int(row["step"]))
+                values.append(float(v))
+        return steps, values
+
+    def searches(self) -> list[dict]:
+        """The EffOPD search records: one dict per logged search, keys without ``extrapolate/``."""
+        out = []
+        for row in self.metrics:
+            rec = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("extrapolate/")}
+            if rec:
+                out.append({"step": row.get("step"), **rec})
+        return out
+
+    def tensor(self, key: str) -> np.ndarray | None:
+        """One array of tensors.safetensors (``singular_values/<module>``), or None if absent."""
+        if self.tensors_path is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.tensors_path), framework="numpy") as f:
+            return f.get_tensor(key) if key in f.keys() else None
+
+
+def is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    """Read a run directory; missing or unreadable files become notes, not errors. A path that
+    is not a directory at all is an error (most likely a typo on the command line)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {path} does not exist (expected metrics.jsonl, config.yaml, analysis/ inside)")
+    run = Run(path=path, label=label or path.resolve().name)
+    run.metrics, run.metrics_note = _read_metrics(path / "metrics.jsonl")
+    run.config_text, run.config = _read_config(path / "config.yaml")
+    run.analysis, run.analysis_note, run.tensors_path = _read_analysis(path / ANALYSIS_DIR)
+    return run
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    if not path.exists():
+        return [], f"{path} not found: training sections are empty"
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1  # e.g. the last line of a run killed mid-write
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    rows.sort(key=lambda r: r.get("step", 0) if is_number(r.get("step")) else 0)
+    note = f"{path}: skipped {bad} unreadable line(s)" if bad else None
+    if not rows:
+        note = f"{path} holds no metrics"
+    return rows, note
+
+
+def _read_config(path: Path) -> tuple[str | None, dict]:
+    if not path.exists():
+        return None, {}
+    text = path.read_text(errors="replace")
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    except Exception:  # a damaged config is still shown as text
+        cfg = None
+    return text, cfg if isinstance(cfg, dict) else {}
+
+
+def analyze_hint(run_dir: Path) -> str:
+    """The command that writes the analysis the report reads."""
+    return (f"effopd analyze --base STUDENT_INIT --checkpoints {run_dir / 'checkpoints'} "
+            f"--out {run_dir / ANALYSIS_DIR}")
+
+
+def _read_analysis(adir: Path) -> tuple[dict | None, str | None, Path | None]:
+    jpath = adir / ANALYSIS_JSON
+    if not jpath.exists():
+        return None, f"Analysis not run ({jpath} not found). Run it with: {analyze_hint(adir.parent)}", None
+    try:
+        record = json.loads(jpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"{jpath} could not be read ({e}); rerun the analysis: {analyze_hint(adir.parent)}", None
+    if not isinstance(record, dict):
+        return None, f"{jpath} is not an analysis record; rerun the analysis: {analyze_hint(adir.parent)}", None
+    note = None
+    if record.get("schema") != SCHEMA:
+        note = f"{jpath} has schema {record.get('schema')!r}; this report reads {SCHEMA!r} and may miss parts of it"
+    tpath = adir / ANALYSIS_TENSORS
+    if not tpath.exists():
+        tpath = None
+        note = (note + "; " if note else "") + f"{adir / ANALYSIS_TENSORS} not found: spectra, trajectories and embedding histograms are left out"
+    return record, note, tpath
