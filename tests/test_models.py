@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from effopd.bootstrap import build_tokenizer
 from effopd.models import ModelLoadError, check_same_vocab, load_model, load_tokenizer
@@ -36,4 +37,7 @@ def test_embedded_models_load_and_share_vocab():
     tok_s, tok_t = load_tokenizer("embedded", "student"), load_tokenizer("embedded", "teacher")
     check_same_vocab(tok_s, tok_t, "embedded student", "embedded teacher")
     student, teacher = load_model("embedded", "student"), load_model("embedded", "teacher")
-    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    s, t = dict(student.named_parameters()), dict(teacher.named_parameters())
+    assert {n: p.shape for n, p in s.items()} == {n: p.shape for n, p in t.items()}  # same architecture
+    assert any(not torch.equal(s[n], t[n]) for n in s)  # the teacher is post-trained
+

@@ -1,16 +1,22 @@
-"""Build the embedded default from a seed: tokenizer, teacher and an *eliciting* student.
+"""Build the embedded default from a seed: tokenizer, an *eliciting* student, and its teacher.
 
 - The tokenizer is trained with ``tokenizers`` on task text: one token per character plus one
   token for ``\\boxed{``.
-- The teacher (Qwen3 architecture, ~1M parameters) is trained by SFT on worked solutions of the
-  target distribution until it solves most of them.
-- The student (Qwen3, ~130k parameters) is "pre-trained" on a broader corpus (one more easy
-  operation count) in which most examples give the bare answer and a minority the worked
-  solution. It learns the skill but rarely uses it: greedy decoding answers bare (low accuracy),
-  while the worked form, when forced, is far better. Post-training then mostly *selects* existing
+- The student (Qwen3 architecture, ~1M parameters) is "pre-trained" on a broad corpus (1 to 3
+  operations) in which most examples give the bare answer and a minority the worked solution.
+  It learns the skill but rarely uses it: greedy decoding answers bare (low accuracy), while the
+  worked form, when forced, is far better. Post-training then mostly *selects* existing
   behaviour, as it does for large pretrained models; this is the regime the paper studies.
+- The teacher is that same pre-trained model after SFT on worked solutions of the target
+  distribution (2 to 3 operations): the way a released reasoning model relates to its base.
+  Student and teacher therefore share the architecture and the tokenizer; the student is the
+  teacher "trained less".
 
-The student's weights at the end of this stage are "the base" for analyses and G-OPD.
+Smaller students that had to learn the skill on their own (2x64 and 3x64 Qwen3 at 125k-190k
+parameters) learned the format but copied operands badly: 9-15% accuracy even when forced into
+the worked form, leaving OPD nothing to elicit (see benchmarks/RESULTS.md).
+
+The student's weights at the end of its stage are "the base" for analyses and G-OPD.
 """
 
 from __future__ import annotations
@@ -59,10 +65,11 @@ class SFTStage:
 class BootstrapConfig:
     seed: int = 0
     task: TaskSpec = field(default_factory=TaskSpec)
-    teacher_shape: ModelShape = field(default_factory=lambda: ModelShape(128, 4, 512, 4, 2, 32))
-    student_shape: ModelShape = field(default_factory=lambda: ModelShape(64, 2, 256, 4, 2, 16))
-    teacher: SFTStage = field(default_factory=lambda: SFTStage(steps=1000))
-    student: SFTStage = field(default_factory=lambda: SFTStage(steps=3500, worked_frac=0.25, min_ops=1, max_ops=3))
+    shape: ModelShape = field(default_factory=lambda: ModelShape(128, 4, 512, 4, 2, 32))
+    student: SFTStage = field(default_factory=lambda: SFTStage(steps=1200, worked_frac=0.25, min_ops=1, max_ops=3))
+    """Pre-training of the student: mostly bare answers."""
+    teacher: SFTStage = field(default_factory=lambda: SFTStage(steps=400, lr=1e-3))
+    """Post-training of a copy of the student into the teacher: worked solutions only."""
     n_test: int = 1000
     max_new_tokens: int = 48
 
@@ -168,12 +175,9 @@ def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
 
     record: dict = {"seed": cfg.seed, "config": asdict(cfg)}
     test = splits["test"]
-    for role, shape, stage, offset in (
-        ("teacher", cfg.teacher_shape, cfg.teacher, 1),
-        ("student", cfg.student_shape, cfg.student, 2),
-    ):
+    model = make_model(cfg.shape, tokenizer, cfg.seed * 100 + 1)
+    for role, stage, offset in (("student", cfg.student, 2), ("teacher", cfg.teacher, 3)):
         start = time.time()
-        model = make_model(shape, tokenizer, cfg.seed * 100 + offset)
         curve = sft(model, tokenizer, stage, cfg.task, cfg.seed * 100 + offset, held_out, desc=f"bootstrap {role}")
         greedy = evaluate_model(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
         forced = evaluate_model(model, tokenizer, forced_worked(test), max_new_tokens=cfg.max_new_tokens)
@@ -194,7 +198,7 @@ def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
 
 def summary(record: dict) -> str:
     lines = [f"bootstrap seed {record['seed']} in {record['seconds']:.0f}s"]
-    for role in ("teacher", "student"):
+    for role in ("student", "teacher"):
         r = record[role]
         lines.append(
             f"  {role}: {r['parameters']:,} params, greedy test accuracy {r['test_greedy_accuracy']:.1%}, "

@@ -1,4 +1,4 @@
-"""The `effopd` command: demo | bootstrap | train | eval | analyze."""
+"""The `effopd` command: demo | bootstrap | train | eval | analyze | report."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   effopd eval --model runs/opd/checkpoints/step-200 --data embedded
   effopd bootstrap --out build/default --export-jsonl build/data
   effopd analyze --base embedded --checkpoints runs/opd/checkpoints --out runs/opd/analysis
+  effopd report runs/opd runs/grpo --out compare.html
 """
 
 
@@ -122,6 +123,24 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    from effopd.report import add_arguments
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML report of one or more runs",
+        description="Training curves, EffOPD search history and every parameter-dynamics analysis of the given "
+        "runs (side by side when several), opening with a verdict per run: is the update concentrated, does "
+        "its direction lock in early and low-rank, would extrapolation pay off. Reads only the files a run wrote.",
+    )
+    add_arguments(p)
+
+
+def cmd_report(args) -> int:
+    from effopd.report import run
+
+    return run(args)
+
+
 def cmd_train(args) -> int:
     from effopd.config import load_config
     from effopd.train import train
@@ -203,21 +222,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="effopd", description="On-policy distillation with EffOPD extrapolation.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze,report}")
     _add_demo(sub)
     _add_bootstrap(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_analyze(sub)
+    _add_report(sub)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; effopd shows its own
     from effopd.errors import USER_ERRORS
 
-    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze}
+    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report}
+    from effopd.train import NonFiniteError, TrainingInterrupted
+
     try:
         return handlers[args.command](args)
+    except TrainingInterrupted as err:
+        print(f"effopd {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except NonFiniteError as err:
+        print(f"effopd {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         print(f"effopd {args.command}: error: {err}", file=sys.stderr)
         return 2

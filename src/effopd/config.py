@@ -143,6 +143,8 @@ class TrainConfig:
     """`auto` (cuda when available), `cpu` or `cuda`."""
     score_chunk_size: int | None = None
     """Rows per teacher/base scoring pass (null = whole batch)."""
+    max_nonfinite: int = 5
+    """Stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
 
     def __post_init__(self):
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
@@ -151,6 +153,7 @@ class TrainConfig:
         _require(self.save_every > 0, "train.save_every", self.save_every, "must be > 0")
         _require(self.keep_last is None or self.keep_last > 0, "train.keep_last", self.keep_last, "must be > 0 or null")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
+        _require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be > 0")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from effopd.config import ConfigError
 from effopd.data.loaders import DatasetError
 from effopd.models import ModelLoadError
 from effopd.module_groups import UnknownParameterError
+from effopd.report.cli import ReportError
 from effopd.train import RunDirError
 
-USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, RunDirError, CheckpointError, UnknownParameterError)
+USER_ERRORS = (ConfigError, DatasetError, ModelLoadError, RunDirError, CheckpointError, UnknownParameterError, ReportError)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,51 @@ RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.
 
 class RunDirError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only),
+    restoring the previous handlers on exit. A second signal of the same kind aborts at once."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signum:
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    def requested(self, accelerator) -> bool:
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=accelerator.device)
+        if accelerator.num_processes > 1:  # every replica must stop at the same step
+            flag = accelerator.reduce(flag, reduction="max")
+        if self.signum is None and int(flag):
+            self.signum = int(flag)
+        return bool(int(flag))
 
 
 class PromptSampler:
@@ -265,6 +312,18 @@ def validation_scorer(cfg: Config, model, models: Models, val_set, seed: int):
 
 def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator=None) -> None:
     root = run_dir / "checkpoints"
+    try:
+        _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator)
+    except OSError as err:
+        shutil.rmtree(ckpt.tmp_dir(root, step), ignore_errors=True)
+        previous = ckpt.latest(root)
+        raise ckpt.CheckpointError(
+            f"could not write checkpoint step-{step} in {root}: {err}. The previous checkpoint "
+            f"({previous or 'none'}) is intact; free disk space or fix permissions, then continue with --resume"
+        ) from err
+
+
+def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator) -> None:
     if accelerator.is_main_process:
         tmp = ckpt.begin(root, step)
         accelerator.unwrap_model(models.student).save_pretrained(tmp)
@@ -346,48 +405,71 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     per_rank = cfg.rollout.batch_size // world
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and is_main), initial=start, total=cfg.train.steps)
     metrics: dict = {}
-    for step in bar:
-        t_step = time.time()
-        idx = sampler.next(cfg.rollout.batch_size)
-        local = idx[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-        examples = [train_set[i] for i in local for _ in range(cfg.rollout.n)]
+    nonfinite_run, nonfinite_total = 0, 0
+    with StopSignal() as stop:
+        for step in bar:
+            t_step = time.time()
+            idx = sampler.next(cfg.rollout.batch_size)
+            local = idx[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+            examples = [train_set[i] for i in local for _ in range(cfg.rollout.n)]
 
-        t0 = time.time()
-        rollout = generate(
-            unwrapped, models.tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        )
-        t_rollout = time.time() - t0
+            t0 = time.time()
+            rollout = generate(
+                unwrapped, models.tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            )
+            t_rollout = time.time() - t0
 
-        t0 = time.time()
-        metrics = policy_step(cfg, accelerator, models, rollout, [e.answer for e in examples])
-        grad_norm = accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics.update({
-            "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-            "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
-        })
-        if extrapolator is not None and extrapolator.should_trigger(step):
-            seed = cfg.extrapolate.val_seed + len(extrapolator.history)
-            rec = extrapolator.search(step, validation_scorer(cfg, unwrapped, models, val_set, seed))
+            t0 = time.time()
+            metrics = policy_step(cfg, accelerator, models, rollout, [e.answer for e in examples])
+            grad_norm = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
+            if math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                nonfinite_run = 0
+            else:  # skip the update; the weights and the optimizer state stay as they were
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+            optimizer.zero_grad(set_to_none=True)
             metrics.update({
-                "extrapolate/s0": rec.s0, "extrapolate/best": rec.best, "extrapolate/accepted_c": rec.accepted_c,
-                "extrapolate/candidates": rec.candidates, "extrapolate/scores": rec.scores, "extrapolate/noise": rec.noise,
-                "extrapolate/update_norm": rec.update_norm, "extrapolate/seconds": rec.seconds,
-                "extrapolate/total_seconds": extrapolator.total_seconds,
+                "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                "train/nonfinite_skipped": nonfinite_total,
+                "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
             })
-        metrics["time/step"] = time.time() - t_step
+            if nonfinite_run >= cfg.train.max_nonfinite:
+                log.log(step, metrics)
+                last_good = ckpt.latest(run_dir / "checkpoints")
+                raise NonFiniteError(
+                    f"{nonfinite_run} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
+                    f"stopping. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}. Lower optim.lr, "
+                    "check the teacher's logprobs, or raise train.max_nonfinite"
+                )
+            if nonfinite_run == 0 and extrapolator is not None and extrapolator.should_trigger(step):
+                seed = cfg.extrapolate.val_seed + len(extrapolator.history)
+                rec = extrapolator.search(step, validation_scorer(cfg, unwrapped, models, val_set, seed))
+                metrics.update({
+                    "extrapolate/s0": rec.s0, "extrapolate/best": rec.best, "extrapolate/accepted_c": rec.accepted_c,
+                    "extrapolate/candidates": rec.candidates, "extrapolate/scores": rec.scores, "extrapolate/noise": rec.noise,
+                    "extrapolate/update_norm": rec.update_norm, "extrapolate/seconds": rec.seconds,
+                    "extrapolate/total_seconds": extrapolator.total_seconds,
+                })
+            metrics["time/step"] = time.time() - t_step
 
-        last = step == cfg.train.steps
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-            metrics.update(maybe_eval(step))
-        log.log(step, metrics)
-        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", kl=f"{metrics['train/reverse_kl']:.3f}",
-                        **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
-        if step % cfg.train.save_every == 0 or last:
-            save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator)
+            last = step == cfg.train.steps
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                metrics.update(maybe_eval(step))
+            log.log(step, metrics)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", kl=f"{metrics['train/reverse_kl']:.3f}",
+                            **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
+            stopping = stop.requested(accelerator)
+            if step % cfg.train.save_every == 0 or last or stopping:
+                save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator)
+            if stopping and not last:
+                bar.close()
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {step}; checkpoint {run_dir / 'checkpoints' / f'step-{step}'} "
+                    f"written. Continue with: effopd train --run-dir {run_dir} --resume", stop.signum,
+                )
     bar.close()
     accelerator.wait_for_everyone()
     return {k: v for k, v in metrics.items() if k.startswith("eval/")}

@@ -9,11 +9,24 @@ one HTML file with every plot embedded as a PNG data URI: no scripts, no network
     plots.py     one matplotlib figure per plot
     html.py      escaping, tables, figures, the page and its inline CSS
     sections.py  the sections in page order (SECTIONS)
-    build.py     build_report(), and add_arguments()/run() for the CLI
+    build.py     build_report()
+    cli.py       add_arguments() and run() for ``effopd report``; ReportError
 """
 
-from effopd.report.build import ReportError, add_arguments, build_report, run
-from effopd.report.sections import SECTION_IDS
-from effopd.report.verdict import verdict
+from effopd.report.cli import ReportError, add_arguments, run
 
-__all__ = ["ReportError", "SECTION_IDS", "add_arguments", "build_report", "run", "verdict"]
+__all__ = ["ReportError", "SECTION_IDS", "add_arguments", "build_report", "run"]
+
+
+def __getattr__(name: str):
+    # build_report and SECTION_IDS pull in matplotlib: import them on first use, so that
+    # building the CLI parser (add_arguments) stays instant.
+    if name == "build_report":
+        from effopd.report.build import build_report
+
+        return build_report
+    if name == "SECTION_IDS":
+        from effopd.report.sections import SECTION_IDS
+
+        return SECTION_IDS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

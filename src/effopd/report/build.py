@@ -1,9 +1,8 @@
-"""``build_report``: run directories in, one self-contained HTML file out; and the CLI pair
-(``add_arguments`` + ``run``) behind ``effopd report RUN_DIR... --out report.html``."""
+"""``build_report``: run directories in, one self-contained HTML file out."""
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
 import traceback
 import warnings
@@ -13,14 +12,10 @@ from pathlib import Path
 import matplotlib
 
 from effopd.report import sections as S
+from effopd.report.cli import ReportError
 from effopd.report.html import esc, note, page, section
 from effopd.report.load import load_run
 from effopd.report.plots import STYLE
-from effopd.utils import atomic_write_text
-
-
-class ReportError(ValueError):
-    """The report's inputs were wrong (a missing run directory, a label count that does not match)."""
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None) -> Path:
@@ -49,8 +44,20 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Seq
     header = (f"<h1>effopd report: {esc(names)}</h1><p>Generated {esc(time.strftime('%Y-%m-%d %H:%M'))} from "
               + ", ".join(f"<code>{esc(r.path)}</code>" for r in runs) + ".</p>")
     out = Path(out)
-    atomic_write_text(out, page(f"effopd report: {names}", header, [(sid, t) for sid, t, _ in S.SECTIONS], bodies))
+    _write_atomic(out, page(f"effopd report: {names}", header, [(sid, t) for sid, t, _ in S.SECTIONS], bodies))
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write next to ``path``, then rename over it: a reader never sees half a report. (Not
+    effopd.utils.atomic_write_text, which would import torch into a plotting command.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _render(fn, runs, title: str) -> str:
@@ -60,21 +67,3 @@ def _render(fn, runs, title: str) -> str:
     except Exception as e:
         warnings.warn(f"report section {title!r} failed: {traceback.format_exc()}", RuntimeWarning, stacklevel=2)
         return note(f"This section could not be rendered ({type(e).__name__}: {e}).")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``effopd report``."""
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (metrics.jsonl, config.yaml, analysis/); several are shown side by side")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
-    parser.add_argument("--label", action="append", default=None, metavar="NAME",
-                        help="display name of a run, once per RUN_DIR in order (default: directory names)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Build the report from parsed ``add_arguments`` flags; prints where it went."""
-    out = args.out or (args.run_dirs[0] / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
-    path = build_report(args.run_dirs, out, labels=args.label)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); open it in any browser, offline")
-    return 0

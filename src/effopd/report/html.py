@@ -105,7 +105,8 @@ def table(header: list[str], rows: list[list], left: int = 1) -> str:
 
     def cell(tag, i, v):
         cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{fmt(v) if is_number(v) else esc(v)}</{tag}>"
+        text = "—" if v is None else fmt(v) if is_number(v) else esc(v)
+        return f"<{tag}{cls}>{text}</{tag}>"
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
@@ -118,7 +119,7 @@ def section(sid: str, title: str, body: str, intro: str | None = None) -> str:
 
 
 def page(title: str, header_html: str, nav: list[tuple[str, str]], sections: list[str]) -> str:
-    links = "".join(f'<a href="#{esc(sid)}">{esc(t)}</a>' for sid, t in nav)
+    links = " ".join(f'<a href="#{esc(sid)}">{esc(t)}</a>' for sid, t in nav)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -133,7 +133,7 @@ def _read_config(path: Path) -> tuple[str | None, dict]:
 def analyze_hint(run_dir: Path) -> str:
     """The command that writes the analysis the report reads."""
     return (f"effopd analyze --base STUDENT_INIT --checkpoints {run_dir / 'checkpoints'} "
-            f"--out {run_dir / ANALYSIS_DIR}")
+            f"--out {run_dir / ANALYSIS_DIR} (STUDENT_INIT: the student's initial weights, config model.student)")
 
 
 def _read_analysis(adir: Path) -> tuple[dict | None, str | None, Path | None]:

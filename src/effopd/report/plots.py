@@ -14,10 +14,12 @@ from collections import defaultdict
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from effopd.module_groups import TYPES
-from effopd.report import verdict as V
+import effopd.report.verdict as V
 from effopd.report.load import Run, is_number
 
 STYLE = {
@@ -40,10 +42,22 @@ def mpl_text(s) -> str:
     return str(s).replace("$", r"\$")
 
 
+def _figure(w: float, h: float) -> Figure:
+    return Figure(figsize=(w, h), layout=ConstrainedLayoutEngine(w_pad=0.06, wspace=0.04))
+
+
 def _fig(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw):
-    fig = Figure(figsize=(w, h), layout="constrained")
+    fig = _figure(w, h)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes.ravel()
+
+
+def _two(w: float, h: float, stacked: bool, ratios=None, **kw):
+    """A figure with two panels: side by side, or one above the other when ``stacked`` (the
+    layout used when several runs share the page width)."""
+    if stacked:
+        return _fig(6.4, min(12.0, 1.7 * h), 1, 2, gridspec_kw={"height_ratios": ratios} if ratios else {}, **kw)
+    return _fig(w, h, 2, 1, gridspec_kw={"width_ratios": ratios} if ratios else {}, **kw)
 
 
 def _empty(ax, text: str) -> None:
@@ -82,7 +96,7 @@ def _type_order(a: dict, names) -> list[str]:
     return sorted(names, key=key)
 
 
-def _by_type(a: dict, names) -> dict[str, list[str]]:
+def modules_by_type(a: dict, names) -> dict[str, list[str]]:
     out = defaultdict(list)
     for n in _type_order(a, names):
         out[a.get("modules", {}).get(n, {}).get("type", "other")].append(n)
@@ -128,9 +142,9 @@ def training_curves(runs: list[Run]) -> Figure | None:
 # --- EffOPD search ----------------------------------------------------------------------------
 
 
-def search_history(searches: list[dict]) -> Figure:
+def search_history(searches: list[dict], stacked: bool = False) -> Figure:
     """Scores of the candidate scales of every search, and the accepted scale per search."""
-    fig, (ax, ax2) = _fig(10.5, 3.8, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (ax, ax2) = _two(10.5, 3.8, stacked, [1.4, 1])
     cmap, n = colormaps["viridis"], len(searches)
     for j, rec in enumerate(searches):
         cands = [c for c in rec.get("candidates") or [] if is_number(c)]
@@ -167,7 +181,7 @@ def search_history(searches: list[dict]) -> Figure:
 # --- magnitude --------------------------------------------------------------------------------
 
 
-def magnitude(run: Run) -> Figure | None:
+def magnitude(run: Run, stacked: bool = False) -> Figure | None:
     """Layer × type heatmap of ‖ΔW‖/‖W_0‖ at the final checkpoint, and the share of the update
     by module type (raw ‖ΔW‖² and per parameter)."""
     a = run.analysis
@@ -176,8 +190,7 @@ def magnitude(run: Run) -> Figure | None:
     by_type = mag.get("by_type") or {}
     if not by_type and not hm.get("layers"):
         return None
-    fig, (ax, ax2) = _fig(10.5, max(3.6, min(9.0, 1.4 + 0.22 * len(hm.get("layers") or []))), 2,
-                          gridspec_kw={"width_ratios": [1.15, 1]})
+    fig, (ax, ax2) = _two(10.5, max(3.6, min(9.0, 1.4 + 0.22 * len(hm.get("layers") or []))), stacked, [1.15, 1])
     layers, types, rel = hm.get("layers") or [], hm.get("types") or [], hm.get("rel") or []
     if layers and types and rel:
         M = np.array([[_num(x) for x in row] for row in rel[-1]], dtype=float)
@@ -202,7 +215,7 @@ def magnitude(run: Run) -> Figure | None:
     x = np.arange(len(tnames))
     ax2.bar(x - 0.2, [0 if math.isnan(v) else v for v in raw], 0.4, label="share of ‖Δθ‖²", color="#4c72b0")
     ax2.bar(x + 0.2, [adj.get(t, 0.0) for t in tnames], 0.4, label="share per parameter (verdict)", color="#dd8452")
-    ax2.set_xticks(x, tnames)
+    ax2.set_xticks(x, tnames, rotation=40 if len(tnames) > 6 else 0)
     ax2.set_ylabel("share of the update")
     ax2.set_title("update share by module type")
     ax2.legend()
@@ -212,7 +225,7 @@ def magnitude(run: Run) -> Figure | None:
 # --- spectrum ---------------------------------------------------------------------------------
 
 
-def spectrum(run: Run) -> Figure | None:
+def spectrum(run: Run, stacked: bool = False) -> Figure | None:
     """Normalised singular-value spectra of the final updates, and the effective-rank fraction
     over checkpoints per module type."""
     a = run.analysis
@@ -221,8 +234,8 @@ def spectrum(run: Run) -> Figure | None:
         return None
     steps = a.get("steps") or []
     mods = a.get("modules", {})
-    groups = _by_type(a, per)
-    fig, (ax, ax2) = _fig(10.5, 3.9, 2)
+    groups = modules_by_type(a, per)
+    fig, (ax, ax2) = _two(10.5, 3.9, stacked)
     drawn = False
     for t, names in groups.items():
         for n in names:
@@ -266,7 +279,7 @@ def _median_at(per: dict, names, key: str, i: int) -> float:
 # --- alignment --------------------------------------------------------------------------------
 
 
-def alignment(run: Run) -> Figure | None:
+def alignment(run: Run, stacked: bool = False) -> Figure | None:
     """Module × step heatmap of the top-r subspace overlap with the final update (lock-in steps
     marked), and the share of modules locked in by each step."""
     a = run.analysis
@@ -279,7 +292,12 @@ def alignment(run: Run) -> Figure | None:
     M = np.array([[_num(x) for x in (per[n].get("overlap") or [])[:len(steps)]] + [math.nan] * (len(steps) - len(per[n].get("overlap") or []))
                   for n in names], dtype=float)
     h = min(12.0, max(3.6, 1.2 + 0.13 * len(names)))
-    fig, (ax, ax2) = _fig(10.5, h, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    if stacked:
+        fig, (ax, ax2) = _fig(6.4, h + 3.2, 1, 2, gridspec_kw={"height_ratios": [h, 3.2]})
+    else:  # the line plot keeps a readable height next to a tall heatmap
+        fig = _figure(10.5, h)
+        gs = fig.add_gridspec(2, 2, width_ratios=[2.2, 1], height_ratios=[3.6, max(h - 3.6, 0.01)])
+        ax, ax2 = fig.add_subplot(gs[:, 0]), fig.add_subplot(gs[0, 1])
     im = ax.imshow(M, aspect="auto", interpolation="nearest", vmin=0, vmax=1, cmap="viridis")
     ax.grid(False)
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45 if len(steps) > 12 else 0)
@@ -318,7 +336,7 @@ def alignment(run: Run) -> Figure | None:
 # --- weight scaling ---------------------------------------------------------------------------
 
 
-def scaling(run: Run) -> Figure | None:
+def scaling(run: Run, stacked: bool = False) -> Figure | None:
     """Recovery (acc_α − acc_0)/(acc_T − acc_0) against α, one line per early checkpoint."""
     a = run.analysis
     rows = [r for r in (a.get("eval") or {}).get("scaling") or [] if is_number(r.get("alpha")) and is_number(r.get("step"))]
@@ -346,15 +364,15 @@ def scaling(run: Run) -> Figure | None:
 TRAJECTORY_MODULES = 4
 
 
-def trajectory(run: Run) -> Figure | None:
+def trajectory(run: Run, stacked: bool = False) -> Figure | None:
     """Variance explained by the first principal components of each module's u₁ trajectory,
     and the PC1–PC2 path of the modules that moved most."""
     a = run.analysis
     traj = a.get("trajectory") or {}
     if not traj:
         return None
-    fig, (ax, ax2) = _fig(10.5, 3.9, 2)
-    groups = _by_type(a, traj)
+    fig, (ax, ax2) = _two(10.5, 3.9, stacked)
+    groups = modules_by_type(a, traj)
     rng = np.random.default_rng(0)
     for k, (t, names) in enumerate(groups.items()):
         ve = [traj[n].get("variance_explained") or [] for n in names]
@@ -394,7 +412,7 @@ def trajectory(run: Run) -> Figure | None:
 # --- functional contribution ------------------------------------------------------------------
 
 
-def contribution(run: Run) -> Figure | None:
+def contribution(run: Run, stacked: bool = False) -> Figure | None:
     """Accuracy with only one group's update applied to the base, or only it removed from the
     final model, per module type and per layer window."""
     ev = run.analysis.get("eval") or {}
@@ -404,7 +422,7 @@ def contribution(run: Run) -> Figure | None:
         return None
     base = _num((ev.get("base") or {}).get("accuracy"))
     final = _num(((ev.get("checkpoints") or [{}])[-1] or {}).get("accuracy"))
-    fig, axes = _fig(10.5, 3.7, 2, gridspec_kw={"width_ratios": [max(1, len(types)), max(1, len(windows))]}, sharey=True)
+    fig, axes = _two(10.5, 3.7, stacked, None if stacked else [max(1, len(types)), max(1, len(windows))], sharey=True)
     tlabels = [t for t in TYPES if t in types] + [t for t in types if t not in TYPES]
     groups = (([types[t] for t in tlabels], tlabels, "module type"),
               (windows, [_window_label(w.get("layers")) for w in windows], "layer window"))
@@ -420,7 +438,10 @@ def contribution(run: Run) -> Figure | None:
         ax.set_xticks(x, labels, rotation=45 if len(items) > 8 else 0)
         ax.set_xlabel(xlabel)
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=4)
     return fig
 
 
@@ -433,7 +454,7 @@ def _window_label(layers) -> str:
 # --- embedding shift --------------------------------------------------------------------------
 
 
-def embedding(run: Run) -> Figure | None:
+def embedding(run: Run, stacked: bool = False) -> Figure | None:
     """Histogram of the per-row cosine between base and final token vectors."""
     names = list((run.analysis.get("embedding_shift") or {}))
     arrays = [(n, run.tensor(f"embedding_cos/{n}")) for n in names]
@@ -446,6 +467,7 @@ def embedding(run: Run) -> Figure | None:
     for j, (n, v) in enumerate(arrays):
         ax.hist(v, bins=bins, histtype="step", lw=1.6, color=run_color(j), label=mpl_text(n))
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_xlabel("cos(row in W₀, row in W_T)")
     ax.set_ylabel("rows")
     ax.set_title("per-token shift of embedding rows (final checkpoint)")

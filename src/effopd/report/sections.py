@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from effopd.module_groups import TYPES
 from effopd.report import plots
-from effopd.report import verdict as V
+import effopd.report.verdict as V
 from effopd.report.html import esc, figure, fmt, grid, image, note, pct, table
 from effopd.report.load import Run, is_number
 
@@ -59,7 +59,7 @@ def per_run_figure(runs: list[Run], plot: Callable, caption: str, missing: str, 
     cells, drawn = [], False
     for run in runs:
         if (cell := gate(run)) is None:
-            fig = plot(run)
+            fig = plot(run, stacked=len(runs) > 1)
             cell = image(fig, f"{caption} ({run.label})") if fig is not None else note(missing)
             drawn |= fig is not None
         cells.append(cell)
@@ -68,9 +68,16 @@ def per_run_figure(runs: list[Run], plot: Callable, caption: str, missing: str, 
     return grid(cells, _labels(runs))
 
 
-def per_run_block(runs: list[Run], block: Callable, gate: Callable = _analysis_missing) -> str:
-    """Per-run HTML (tables, notes) side by side."""
-    return grid([gate(r) or block(r) for r in runs], _labels(runs))
+def _quiet(gate: Callable) -> Callable:
+    """A gate that hides a run whose data is missing (for a table under a plot that already
+    carries the note)."""
+    return lambda run: "" if gate(run) is not None else None
+
+
+def per_run_block(runs: list[Run], block: Callable, gate: Callable = _quiet(_analysis_missing)) -> str:
+    """Per-run HTML (tables, notes) side by side; nothing when every run lacks the data."""
+    cells = [c if (c := gate(r)) is not None else block(r) for r in runs]
+    return grid(cells, _labels(runs)) if any(cells) else ""
 
 
 # --- verdict ----------------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def section_search(runs: list[Run]) -> str:
                               else "EffOPD not enabled in this run (no extrapolate/ entries in metrics.jsonl)."))
             continue
         drawn = True
-        cells.append(image(plots.search_history(searches), f"EffOPD search history ({r.label})") + _search_table(r, searches))
+        cells.append(image(plots.search_history(searches, stacked=len(runs) > 1), f"EffOPD search history ({r.label})") + _search_table(r, searches))
     if not drawn:
         return grid(cells, _labels(runs))
     return figure(cells, "Left: validation score of each candidate scale per search (c = 1 is the trained weights, ★ the "
@@ -227,11 +234,11 @@ def _spectrum_table(run: Run) -> str:
     mods = a.get("modules") or {}
     fracs = [str(f) for f in (a.get("settings") or {}).get("fracs") or []]
     rows, truncated = [], 0
-    for t, names in plots._by_type(a, per).items():
+    for t, names in plots.modules_by_type(a, per).items():
         shapes = sorted({tuple(mods.get(n, {}).get("shape") or ()) for n in names})
         dims = sorted({min(s) for s in shapes if len(s) == 2})
         methods = sorted({str(mods.get(n, {}).get("svd_method")) for n in names})
-        truncated += sum(1 for n in names if V._truncated(mods.get(n, {})))
+        truncated += sum(1 for n in names if V.truncated_svd(mods.get(n, {})))
         rows.append([t, len(names), ", ".join("×".join(map(str, s)) for s in shapes), ", ".join(map(str, dims)),
                      _med(per, names, "effective_rank"), pct(_med(per, names, "effective_rank_frac")),
                      _med(per, names, "stable_rank"),
@@ -273,7 +280,7 @@ def _lock_table(run: Run) -> str:
         return note("No alignment results.")
     T = _last(a.get("steps"))
     rows = []
-    for t, names in plots._by_type(a, per).items():
+    for t, names in plots.modules_by_type(a, per).items():
         locks = [per[n].get("lock_in_step") for n in names]
         ok = [s for s in locks if is_number(s)]
         med = statistics.median(ok) if ok else None
@@ -291,7 +298,7 @@ def section_scaling(runs: list[Run]) -> str:
                          "Lines that climb above the dashed threshold for α > 1 mean an early checkpoint, extrapolated along "
                          "its update, already recovers most of the final gain: the foresight EffOPD exploits.",
                          "No weight-scaling results.", gate=_eval_missing)
-    return fig + per_run_block(runs, _scaling_table, gate=_eval_missing)
+    return fig + per_run_block(runs, _scaling_table, gate=_quiet(_eval_missing))
 
 
 def _scaling_table(run: Run) -> str:
@@ -334,7 +341,7 @@ def section_contribution(runs: list[Run]) -> str:
 
 
 def section_reconstruction(runs: list[Run]) -> str:
-    return per_run_block(runs, _reconstruction_table, gate=_eval_missing)
+    return per_run_block(runs, _reconstruction_table, gate=_eval_missing) or note("No reconstruction results.")
 
 
 def _reconstruction_table(run: Run) -> str:

@@ -149,7 +149,7 @@ def lock_in(a: dict) -> Answer:
     modules = a.get("modules", {})
     frac = _median([(m.get("effective_rank_frac") or [None])[-1] for m in spectrum.values()])
     rank = _median([(m.get("effective_rank") or [None])[-1] for m in spectrum.values()])
-    truncated = [n for n in spectrum if _truncated(modules.get(n, {}))]
+    truncated = [n for n in spectrum if truncated_svd(modules.get(n, {}))]
     captured = _median([(spectrum[n].get("captured_energy") or [None])[-1] for n in truncated]) if truncated else 1.0
     align = a.get("alignment", {})
     locks = [m.get("lock_in_step") for m in align.get("per_module", {}).values()]
@@ -164,7 +164,8 @@ def lock_in(a: dict) -> Answer:
         parts.append("no effective ranks were computed")
     else:
         low = frac < RANK_FRAC_MAX
-        parts.append(f"median effective rank {rank:.1f} = {_pct(frac)} of min(m, n) (threshold: < {_pct(RANK_FRAC_MAX)})")
+        absolute = f"{rank:.1f}" if rank is not None else "?"
+        parts.append(f"median effective rank {absolute} = {_pct(frac)} of min(m, n) (threshold: < {_pct(RANK_FRAC_MAX)})")
         if low and captured is not None and captured < MIN_CAPTURED_ENERGY:
             low = None
             parts.append(f"but the truncated top-q spectra hold only {_pct(captured)} of ‖ΔW‖² (need ≥ {_pct(MIN_CAPTURED_ENERGY)}; "
@@ -186,7 +187,8 @@ def lock_in(a: dict) -> Answer:
     return Answer("lock_in", answer, _sentence("; ".join(parts)) + ".", nums)
 
 
-def _truncated(module: dict) -> bool:
+def truncated_svd(module: dict) -> bool:
+    """Whether a module's spectrum is a randomized top-q one (q < min(m, n)), not the full one."""
     shape, q = module.get("shape"), module.get("svd_q")
     return bool(shape) and len(shape) == 2 and is_number(q) and q < min(shape)
 

@@ -1,0 +1,33 @@
+"""``effopd report RUN_DIR... [--out report.html] [--label NAME ...]``: the flags and the handler.
+
+Light on purpose (argparse only): the CLI builds its parser without importing matplotlib;
+:func:`run` imports the report builder when the command actually runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class ReportError(ValueError):
+    """The report's inputs were wrong (a missing run directory, a label count that does not match)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``effopd report``."""
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories (metrics.jsonl, config.yaml, analysis/); several are shown side by side")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    parser.add_argument("--label", action="append", default=None, metavar="NAME",
+                        help="display name of a run, once per RUN_DIR in order (default: directory names)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report from parsed :func:`add_arguments` flags; prints where it went."""
+    from effopd.report.build import build_report
+
+    out = args.out or (args.run_dirs[0] / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
+    path = build_report(args.run_dirs, out, labels=args.label)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); it opens offline in any browser")
+    return 0
