@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean browser
 
 venv: $(STAMP)
 
@@ -27,7 +27,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/effopd demo
 
-test: $(STAMP)
+# The report test renders HTML in headless Chromium (Debian's chromium); installed here when
+# apt-get is available as root, otherwise that one test is skipped with the reason.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium for the report rendering test"; \
+		apt-get update -qq && apt-get install -y -qq chromium fonts-liberation >/dev/null; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -1,22 +1,24 @@
-"""Build the embedded default from a seed: tokenizer, an *eliciting* student, and its teacher.
+"""Build the embedded default from a seed: tokenizer, teacher, and an *eliciting* student.
 
 - The tokenizer is trained with ``tokenizers`` on task text: one token per character plus one
   token for ``\\boxed{``.
-- The student (Qwen3 architecture, ~1M parameters) is "pre-trained" on a broad corpus (1 to 3
-  operations) in which most examples give the bare answer and a minority the worked solution.
-  It learns the skill but rarely uses it: greedy decoding answers bare (low accuracy), while the
-  worked form, when forced, is far better. Post-training then mostly *selects* existing
+- The teacher (Qwen3 architecture, ~1M parameters) is trained from scratch by SFT on worked
+  solutions of the target distribution (2 to 3 operations) until it solves most problems.
+- The student continues from the teacher's weights on a broader corpus (1 to 3 operations) in
+  which most examples give the bare answer (``\\boxed{34}``): problems with a subtraction are
+  worked out only 10% of the time, all-addition chains 80%. It keeps the skill but rarely uses
+  it: greedy decoding works out only all-addition chains and answers the rest bare (low
+  accuracy), while the worked form, when forced, is far better. (With one worked share for all
+  problems, greedy decoding answered everything bare: 4% accuracy, below the 10-50% wanted.) Post-training then mostly *selects* existing
   behaviour, as it does for large pretrained models; this is the regime the paper studies.
-- The teacher is that same pre-trained model after SFT on worked solutions of the target
-  distribution (2 to 3 operations): the way a released reasoning model relates to its base.
-  Student and teacher therefore share the architecture and the tokenizer; the student is the
-  teacher "trained less".
+  Student and teacher share architecture and tokenizer and differ in one stage of training.
 
-Smaller students that had to learn the skill on their own (2x64 and 3x64 Qwen3 at 125k-190k
-parameters) learned the format but copied operands badly: 9-15% accuracy even when forced into
-the worked form, leaving OPD nothing to elicit (see benchmarks/RESULTS.md).
+Measured alternatives that failed (benchmarks/RESULTS.md): students that had to learn the skill
+on their own from the mixed corpus (2x64, 3x64, 2x96 and 4x128 Qwen3, 125k to 1M parameters,
+1,200 to 3,500 steps) learned the format but not the arithmetic: 7-15% accuracy even when forced
+into the worked form, leaving OPD nothing to elicit.
 
-The student's weights at the end of its stage are "the base" for analyses and G-OPD.
+The student's weights are "the base" for analyses and G-OPD.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class SFTStage:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_frac: float = 0.05
-    worked_frac: float = 1.0  # share of examples written as worked solutions (rest: bare answer)
+    worked_frac: float = 1.0
+    """Share of examples written as worked solutions (the rest: bare answer)..."""
+    worked_frac_additions: float | None = None
+    """...except for all-addition problems, which use this share when set."""
     min_ops: int = 2  # operation counts of the training corpus
     max_ops: int = 3
 
@@ -66,10 +71,11 @@ class BootstrapConfig:
     seed: int = 0
     task: TaskSpec = field(default_factory=TaskSpec)
     shape: ModelShape = field(default_factory=lambda: ModelShape(128, 4, 512, 4, 2, 32))
-    student: SFTStage = field(default_factory=lambda: SFTStage(steps=1200, worked_frac=0.25, min_ops=1, max_ops=3))
-    """Pre-training of the student: mostly bare answers."""
-    teacher: SFTStage = field(default_factory=lambda: SFTStage(steps=400, lr=1e-3))
-    """Post-training of a copy of the student into the teacher: worked solutions only."""
+    teacher: SFTStage = field(default_factory=lambda: SFTStage(steps=1000))
+    """The teacher, from scratch: worked solutions only."""
+    student: SFTStage = field(default_factory=lambda: SFTStage(
+        steps=400, lr=5e-4, worked_frac=0.1, worked_frac_additions=0.8, min_ops=1, max_ops=3))
+    """The student, continuing from the teacher: bare answers, except mostly worked on all-addition chains."""
     n_test: int = 1000
     max_new_tokens: int = 48
 
@@ -139,7 +145,10 @@ def sft(model, tokenizer, stage: SFTStage, spec: TaskSpec, seed: int, exclude: s
             ex = make_problem(rng, corpus_spec)
             if ex.prompt in exclude:
                 continue
-            worked = rng.random() < stage.worked_frac
+            frac = stage.worked_frac
+            if stage.worked_frac_additions is not None and "-" not in ex.prompt:
+                frac = stage.worked_frac_additions
+            worked = rng.random() < frac
             pairs.append((ex.prompt, ex.solution if worked else bare_solution(ex)))
         loss = model(**sft_batch(tokenizer, pairs)).loss
         loss.backward()
@@ -176,7 +185,7 @@ def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
     record: dict = {"seed": cfg.seed, "config": asdict(cfg)}
     test = splits["test"]
     model = make_model(cfg.shape, tokenizer, cfg.seed * 100 + 1)
-    for role, stage, offset in (("student", cfg.student, 2), ("teacher", cfg.teacher, 3)):
+    for role, stage, offset in (("teacher", cfg.teacher, 2), ("student", cfg.student, 3)):
         start = time.time()
         curve = sft(model, tokenizer, stage, cfg.task, cfg.seed * 100 + offset, held_out, desc=f"bootstrap {role}")
         greedy = evaluate_model(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)

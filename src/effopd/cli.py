@@ -65,11 +65,14 @@ def _add_bootstrap(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run OPD on the embedded default and print the result",
-                       description="On the embedded task, evaluate teacher and student, distill the student "
-                       "on-policy, and print its accuracy before and after next to the teacher's.")
+    p = sub.add_parser("demo", help="OPD + EffOPD on the embedded default, analysed, with an HTML report",
+                       description="On the embedded task: evaluate the teacher, distill the student on-policy with "
+                       "EffOPD (config: effopd/configs/demo.yaml), analyse its checkpoints, write RUN_DIR/report.html, "
+                       "and print the student's accuracy before and after next to the teacher's.")
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--analysis-eval-limit", type=int, default=300,
+                   help="prompts per evaluation inside the analysis (scaled/partial models)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
@@ -194,26 +197,42 @@ def cmd_bootstrap(args) -> int:
     return 0
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def cmd_demo(args) -> int:
     from effopd.config import load_config
     from effopd.data import load_split
     from effopd.evaluate import evaluate_model
-    from effopd.models import load_model, load_tokenizer
+    from effopd.models import load_model, load_tokenizer, resolve
     from effopd.train import train
 
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
-    cfg = load_config([], overrides)
+    cfg = load_config([CONFIGS / "demo.yaml"], overrides)
     run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     examples = load_split("embedded", cfg.data, "eval")
-    tok = load_tokenizer("embedded", "teacher")
     print(f"embedded task: {len(examples)} held-out problems, e.g. {examples[0].prompt} -> {examples[0].answer}")
-    teacher = evaluate_model(load_model("embedded", "teacher"), tok, examples, max_new_tokens=cfg.eval.max_new_tokens)
-    print(f"teacher greedy accuracy: {teacher['accuracy']:.1%}")
+    print("[1/4] evaluating the teacher")
+    teacher = evaluate_model(load_model("embedded", "teacher"), load_tokenizer("embedded", "teacher"), examples,
+                             max_new_tokens=cfg.eval.max_new_tokens)["accuracy"]
+    print(f"teacher greedy accuracy: {teacher:.1%}")
+    effopd = "OPD + EffOPD" if cfg.extrapolate.enabled else "OPD"
+    print(f"[2/4] training the student with {effopd} for {cfg.train.steps} steps -> {run_dir}")
     final = train(cfg, run_dir)
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     before, after = first.get("eval/accuracy"), final["eval/accuracy"]
-    print(f"\nstudent before OPD: {before:.1%}   after {cfg.train.steps} steps: {after:.1%}   teacher: {teacher['accuracy']:.1%}")
-    print(f"run directory: {run_dir} (metrics.jsonl, eval/, checkpoints/)")
+    print("[3/4] analysing the checkpoints")
+    from effopd.analysis import analyze
+    from effopd.analysis.io import list_checkpoints
+
+    analyze(resolve(cfg.model.student, "student"), list_checkpoints(run_dir / "checkpoints"), run_dir / "analysis",
+            eval_fn=make_eval_fn("embedded", args.analysis_eval_limit, cfg.eval.max_new_tokens))
+    print("[4/4] writing the report")
+    from effopd.report.build import build_report
+
+    report = build_report([run_dir], run_dir / "report.html", labels=[effopd])
+    print(f"\nstudent before: {before:.1%}   after {cfg.train.steps} steps of {effopd}: {after:.1%}   teacher: {teacher:.1%}")
+    print(f"report: {report}\nrun directory: {run_dir} (config.yaml, metrics.jsonl, eval/, checkpoints/, analysis/)")
     return 0
 
 
