@@ -1,15 +1,17 @@
 """Checkpoint reading: sharded == unsharded, streaming norms == whole-model norms, clear errors."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from effopd.analysis import synthetic
-from effopd.analysis.dynamics import compute_dynamics, update_norms
+from effopd.analysis import dynamics, synthetic
+from effopd.analysis.dynamics import compute_dynamics, row_blocks, row_cosines, update_norms
 from effopd.analysis.io import AnalysisError, CheckpointReader, common_names, list_checkpoints, parse_checkpoint_args
 
 CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -60,6 +62,67 @@ def test_streaming_norms_equal_whole_model_norms(run):
         assert v == pytest.approx(float((ckpt[n].double() - base[n].double()).norm()), rel=1e-12)
     total = torch.cat([(ckpt[n] - base[n]).flatten() for n in streamed]).norm()
     assert sum(v**2 for v in streamed.values()) ** 0.5 == pytest.approx(float(total), rel=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux /proc/self/maps")
+def test_reading_keeps_no_file_mapped_or_open(run):
+    # Pages of a memory-mapped file count in the process's RSS while the mapping lives, so a
+    # reader that maps its files costs as much peak memory as loading the model whole.
+    files = {str(f.resolve()) for d in (run["base"], run["sharded"]) for f in d.glob("*.safetensors")}
+    readers = [CheckpointReader(run["base"]), CheckpointReader(run["sharded"])]
+    held = [r.get(n, rows) for r in readers for n in r.names for rows in (None, slice(1, 3)) if rows is None or r.shape(n)]
+    assert held and all(t.untyped_storage().nbytes() == t.nbytes for t in held)  # a row block is no view of a whole tensor
+    assert not [line for line in Path("/proc/self/maps").read_text().splitlines() if line.split()[-1] in files]
+    open_files = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            open_files.add(os.readlink(fd))
+        except OSError:  # the descriptor of the listing itself, closed by now
+            pass
+    assert not open_files & files
+
+
+def test_row_blocks_and_dtypes_read_like_safetensors(run, tmp_path):
+    r = CheckpointReader(run["sharded"])
+    for n in r.names:
+        whole = r.get(n)
+        assert torch.equal(torch.cat([r.get(n, rows) for rows in row_blocks(r.shape(n), block=40)]), whole), n
+        assert torch.equal(r.get(n, slice(3, 10_000)), whole[3:]), n
+    state = {"bf16": torch.randn(7, 3).bfloat16(), "f16": torch.randn(5).half(), "i64": torch.arange(6).view(2, 3),
+             "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    (tmp_path / "d").mkdir()
+    save_file(state, str(tmp_path / "d" / "model.safetensors"))
+    r = CheckpointReader(tmp_path / "d")
+    for n, t in state.items():
+        assert r.get(n).dtype == t.dtype and torch.equal(r.get(n), t), n
+    assert torch.equal(r.get("bf16", slice(2, 5)), state["bf16"][2:5])
+
+
+def test_row_cosines_in_blocks_equal_the_whole_computation():
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(1000, 24, generator=g)
+    Wt = W0 + 0.5 * torch.randn(1000, 24, generator=g)
+    W0[3], Wt[10] = 0, 0
+    den = W0.norm(dim=1) * Wt.norm(dim=1)  # the unblocked computation
+    whole = torch.where(den > 0, (W0 * Wt).sum(1) / den, torch.full_like(den, float("nan")))
+    assert whole[3].isnan() and whole[10].isnan() and not whole[:3].isnan().any()
+    for block in (1, 24, 24 * 7, 24 * 999, 10**9):  # one row, 7 rows (uneven last block), ..., all rows
+        torch.testing.assert_close(row_cosines(W0, Wt, block=block), whole, rtol=0, atol=0, equal_nan=True)
+
+
+def test_embedding_read_in_blocks_gives_the_same_analysis(run, monkeypatch):
+    ckpts = [CheckpointReader(p) for _, p in run["ckpts"]]
+    a, ta = compute_dynamics(CheckpointReader(run["base"]), ckpts, [5, 10], rank=2, progress=False)
+    monkeypatch.setattr(dynamics, "BLOCK", 16 * 5)  # 5 of the 64 embedding rows per block
+    b, tb = compute_dynamics(CheckpointReader(run["base"]), ckpts, [5, 10], rank=2, progress=False)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, equal_nan=True)
+    for key in ("spectrum", "alignment", "trajectory", "embedding_shift"):
+        assert a[key] == b[key], key
+    emb = "model.embed_tokens.weight"
+    assert b["modules"][emb]["w0_norm"] == pytest.approx(a["modules"][emb]["w0_norm"], rel=1e-6)
+    assert b["magnitude"]["per_module"][emb]["norm"] == pytest.approx(a["magnitude"]["per_module"][emb]["norm"], rel=1e-6)
 
 
 def test_missing_directory_and_missing_shard(run, tmp_path):

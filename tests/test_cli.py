@@ -74,3 +74,11 @@ def test_analyze_a_training_run(tiny_models, tmp_path):
     # analysing again into the same directory is refused unless asked
     assert cli.main(["analyze", "--base", tiny_models["student"], "--checkpoints", str(run / "checkpoints"),
                      "--out", str(out), "--no-eval"]) == 2
+
+
+def test_unparseable_answers_are_named(tiny_models, tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": 2}\n{"prompt": "2+2=", "answer": "\\\\frac{4}{"}\n')
+    code = cli.main(["eval", "--model", tiny_models["student"], "--data", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and "p.jsonl:2" in err and "cannot be parsed" in err

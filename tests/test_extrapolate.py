@@ -78,7 +78,7 @@ def test_margin_rejects_gains_within_noise():
 
 
 def test_adaptive_schedule_probes_small_scales_and_adapts():
-    ex = Extrapolator(_params(), schedule="adaptive", max_tries=4, init_gain=0.5, min_gain=0.125)
+    ex = Extrapolator(_params(), schedule="adaptive", max_tries=4, init_gain=0.5, min_gain=0.125, max_gain=2.0)
     assert ex.candidates() == [1.5, 2.0, 3.0, 5.0]
     ex._adapt(None)
     assert ex.candidates()[0] == 1.25
@@ -86,6 +86,30 @@ def test_adaptive_schedule_probes_small_scales_and_adapts():
     assert ex.candidates()[0] == 1.125  # floored at min_gain
     ex._adapt(2)
     assert ex.candidates()[0] == 1.5
+    ex._adapt(None, only_ties=True)
+    assert ex.candidates()[0] == 2.0
+    ex._adapt(None, only_ties=True)
+    assert ex.candidates()[0] == 3.0  # capped at max_gain
+
+
+def test_adaptive_search_continues_through_ties_and_stops_at_worse():
+    params = _params()
+    ex = Extrapolator(params, schedule="adaptive", max_tries=5, init_gain=0.5)
+    scores = iter([0.3, 0.3, 0.3, 0.5, 0.4])  # s0; c=1.5 tie; c=2 tie; c=3 better; c=5 worse
+    rec = ex.search(1, lambda: Score(next(scores)))
+    assert rec.candidates == [1.5, 2.0, 3.0, 5.0] and rec.accepted_c == 3.0
+    assert ex.gain == 2.0  # accepted at index 2: 0.5 * 2^2
+    ex2 = Extrapolator(_params(), schedule="adaptive", max_tries=3, init_gain=0.5)
+    ties = iter([0.3, 0.3, 0.3, 0.3])
+    rec2 = ex2.search(1, lambda: Score(next(ties)))
+    assert rec2.accepted_c == 1.0 and len(rec2.candidates) == 3 and ex2.gain == 1.0  # only ties: grow
+
+
+def test_paper_schedule_stops_at_a_tie():
+    ex = Extrapolator(_params(), schedule="paper")
+    scores = iter([0.3, 0.3])
+    rec = ex.search(1, lambda: Score(next(scores)))
+    assert rec.candidates == [3.0] and rec.accepted_c == 1.0
 
 
 def test_only_selected_tensors_change():

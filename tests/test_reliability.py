@@ -83,15 +83,26 @@ def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tiny_model
     assert _same(_final(run, 12), uninterrupted)
 
 
+EFFOPD = {"extrapolate.enabled": True, "extrapolate.score": "teacher_logprob", "extrapolate.schedule": "adaptive",
+          "extrapolate.trigger_steps": "[2,3,4,5,6,7,8,9,10,11]", "extrapolate.val_prompts": 16,
+          "extrapolate.val_greedy": True, "optim.lr": 0.03, "rollout.batch_size": 8}
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_points_then_resume_gives_the_same_weights(tiny_models, tmp_path, uninterrupted):
-    """Killed at random moments (mid-step, mid-checkpoint-write): the newest complete checkpoint
-    is intact, partial ones are ignored, and resuming reproduces the uninterrupted weights."""
+def test_sigkill_at_random_points_then_resume_gives_the_same_weights(tiny_models, tmp_path):
+    """Killed at random moments (mid-step, mid-EffOPD-search, mid-checkpoint-write): the newest
+    complete checkpoint is intact, partial ones are ignored, and resuming reproduces the
+    uninterrupted weights."""
+    overrides = _overrides(tiny_models, **EFFOPD)
+    train(load_config([], overrides), tmp_path / "ref", progress=False)
+    uninterrupted = _final(tmp_path / "ref", 12)
+    rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert any((r.get("extrapolate/accepted_c") or 1) > 1 for r in rows), "EffOPD never accepted: test too weak"
     rng = random.Random(0)
     run = tmp_path / "run"
     kills = 0
     for attempt in range(6):
-        proc = _spawn(run, _overrides(tiny_models), *(["--resume"] if attempt else []))
+        proc = _spawn(run, overrides, *(["--resume"] if attempt else []))
         try:
             proc.wait(timeout=rng.uniform(4.0, 9.0))
         except subprocess.TimeoutExpired:
@@ -104,7 +115,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_weights(tiny_models
         assert proc.returncode == 0, proc.stderr.read()[-2000:]
         break
     else:
-        proc = _spawn(run, _overrides(tiny_models), "--resume")
+        proc = _spawn(run, overrides, "--resume")
         assert proc.wait(timeout=300) == 0
     assert kills >= 1, "never killed: the test did not exercise a crash"
     assert _same(_final(run, 12), uninterrupted)

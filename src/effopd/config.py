@@ -111,7 +111,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0
@@ -129,13 +129,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 150
+    steps: int = 100
     seed: int = 0
     micro_batch_size: int | None = None
     """Rows per forward/backward pass (gradient accumulation inside one update); null = whole batch."""
-    eval_every: int = 25
+    eval_every: int = 10
     """Evaluate every N steps (and at step 0 and the end); 0 = only at the end."""
-    save_every: int = 50
+    save_every: int = 10
     """Checkpoint every N steps (and at the end)."""
     keep_last: int | None = None
     """Keep only the newest K checkpoints (null = keep all)."""
@@ -201,6 +201,7 @@ class ExtrapolateConfig:
     """Sampling seed of validation; the same for every candidate of one search (common random numbers)."""
     init_gain: float = 0.5
     min_gain: float = 0.125
+    max_gain: float = 64.0
     storage: str = "cpu"
     """Device holding the anchor and the rollback copy."""
 
@@ -210,7 +211,8 @@ class ExtrapolateConfig:
         _require(self.margin >= 0, "extrapolate.margin", self.margin, "must be >= 0")
         _require(self.score in EXTRAPOLATE_SCORES, "extrapolate.score", self.score, f"choose one of {EXTRAPOLATE_SCORES}")
         _require(self.val_prompts > 0 and self.val_samples > 0, "extrapolate.val_prompts/val_samples", (self.val_prompts, self.val_samples), "must be > 0")
-        _require(0 < self.min_gain <= self.init_gain, "extrapolate.min_gain", self.min_gain, "need 0 < min_gain <= init_gain")
+        _require(0 < self.min_gain <= self.init_gain <= self.max_gain, "extrapolate.min_gain/init_gain/max_gain",
+                 (self.min_gain, self.init_gain, self.max_gain), "need 0 < min_gain <= init_gain <= max_gain")
 
 
 @dataclass

@@ -17,8 +17,13 @@ Candidate schedules:
   factor sequence 2, 2/3, 2/5, ... amounts to.
 - ``adaptive``: c_i = 1 + g·2^i, i = 0..max_tries-1, where the gain g adapts across searches:
   after an accept at c_j the next search starts from g·2^j (it keeps the scale that worked);
-  after a reject of the first candidate g halves (down to ``min_gain``), so it can probe scales
-  between 1 and 3 where the large paper steps overshoot.
+  after the first candidate scored *worse* than θ_t, g halves (down to ``min_gain``), so it can
+  probe scales between 1 and 3 where the large paper steps overshoot. A candidate that only
+  *ties* the best score is not accepted but does not end an adaptive search either: early in
+  training a small step often changes no validation answer, and stopping there (then shrinking
+  the gain) would lock the search into scales too small to matter. If nothing but ties was
+  seen, g doubles (up to ``max_gain``). The ``paper`` schedule keeps the strict rule: stop at
+  the first non-improvement.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Extrapolator:
         max_step: int | None = None,
         init_gain: float = 0.5,
         min_gain: float = 0.125,
+        max_gain: float = 64.0,
         storage: str | torch.device = "cpu",
     ):
         if schedule not in ("paper", "adaptive"):
@@ -84,7 +90,7 @@ class Extrapolator:
         self.schedule, self.max_tries, self.margin = schedule, max_tries, margin
         self.trigger_steps = set(trigger_steps) if trigger_steps else None
         self.max_step = max_step
-        self.gain, self.min_gain = init_gain, min_gain
+        self.gain, self.min_gain, self.max_gain = init_gain, min_gain, max_gain
         self.storage = torch.device(storage)
         self.anchor = {n: p.detach().to(self.storage, copy=True) for n, p in params.items()}
         self.history: list[SearchRecord] = []
@@ -102,13 +108,16 @@ class Extrapolator:
             return [3.0 + 2.0 * i for i in range(self.max_tries)]
         return [1.0 + self.gain * 2.0**i for i in range(self.max_tries)]
 
-    def _adapt(self, accepted_index: int | None) -> None:
+    def _adapt(self, accepted_index: int | None, only_ties: bool = False) -> None:
         if self.schedule != "adaptive":
             return
-        if accepted_index is None:
-            self.gain = max(self.gain / 2.0, self.min_gain)
-        else:
+        if accepted_index is not None:
             self.gain = self.gain * 2.0**accepted_index
+        elif only_ties:
+            self.gain = self.gain * 2.0
+        else:
+            self.gain = self.gain / 2.0
+        self.gain = min(max(self.gain, self.min_gain), self.max_gain)
 
     # ---- weights ---------------------------------------------------------------------------
 
@@ -130,7 +139,7 @@ class Extrapolator:
         norm = sum(float((backup[n].float() - self.anchor[n].float()).pow(2).sum()) for n in backup) ** 0.5
         first = score()
         rec = SearchRecord(step=step, s0=first.value, noise=first.noise, best=first.value, update_norm=norm)
-        best_c, accepted_index = 1.0, None
+        best_c, accepted_index, worse_seen = 1.0, None, False
         for i, c in enumerate(self.candidates()):
             self._set(backup, c)
             s = score()
@@ -138,11 +147,14 @@ class Extrapolator:
             rec.scores.append(s.value)
             if s.value > rec.best + self.margin * max(first.noise, s.noise):
                 rec.best, best_c, accepted_index = s.value, c, i
+            elif self.schedule == "adaptive" and s.value == rec.best:
+                continue  # a tie: no evidence either way, try the next scale
             else:
+                worse_seen = True
                 break
         self._set(backup, best_c)
         rec.accepted_c = best_c
-        self._adapt(accepted_index)
+        self._adapt(accepted_index, only_ties=not worse_seen)
         for n, p in self.params.items():
             self.anchor[n].copy_(p.detach())
         rec.seconds = time.time() - t0

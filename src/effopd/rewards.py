@@ -144,6 +144,22 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
         return False
 
 
+def is_parseable(answer: str) -> bool:
+    """Whether a reference answer can be verified at all: a plain number, or something
+    math-verify parses (with balanced braces and at most ``MAX_ANSWER_CHARS``)."""
+    answer = answer.strip()
+    if _as_number(answer) is not None:
+        return True
+    if not answer or len(answer) > MAX_ANSWER_CHARS or not _braces_balanced(answer):
+        return False
+    timeout = VERIFY_TIMEOUT_S if _in_main_thread() else None
+    try:
+        with _keep_callers_timer():
+            return bool(parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout))
+    except (Exception, TimeoutException):
+        return False
+
+
 def is_equivalent(pred: str | None, gold: str) -> bool:
     """Whether the predicted answer ``pred`` means the same as ``gold``.
 

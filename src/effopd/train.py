@@ -281,7 +281,7 @@ def make_extrapolator(cfg: Config, model) -> Extrapolator:
     params = {n: p for n, p in model.named_parameters() if p.ndim == 2 and module_group(n).type in x.modules}
     return Extrapolator(
         params, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, trigger_steps=x.trigger_steps,
-        max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, storage=x.storage,
+        max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, max_gain=x.max_gain, storage=x.storage,
     )
 
 

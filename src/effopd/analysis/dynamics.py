@@ -1,8 +1,11 @@
 """Evaluation-free parameter-dynamics analyses (DESIGN.md §1, 4, 6, 8, 9), streamed tensor by tensor.
 
 For each tensor name the base tensor W_0 is loaded once, then each checkpoint's W_t in turn, so
-memory holds a few matrices plus, per analysed matrix, its top-r singular vectors at each
-checkpoint — never two models. Per tensor and checkpoint, with ΔW = W_t − W_0:
+memory holds two matrices (W_0 and ΔW, plus SVD workspace) and, per analysed matrix, its top-r
+singular vectors at each checkpoint — never two models. Tensors that are not decomposed (the
+embedding, lm_head, norms, biases) are read in blocks of rows (:data:`BLOCK` elements): a
+151,936 × 896 embedding is 545 MB in float32, so a few whole copies of it would be most of the
+analysis' peak memory. Per tensor and checkpoint, with ΔW = W_t − W_0:
 
 1. magnitude: ‖ΔW‖_F, ‖ΔW‖_F/‖W_0‖_F, and share = ‖ΔW‖_F²/Σ‖ΔW‖_F² over all tensors (squared
    norms add up, so shares sum to 1); aggregated per module type, per layer, and as a
@@ -32,6 +35,9 @@ from effopd.analysis.io import AnalysisError, CheckpointReader, common_names
 from effopd.module_groups import DEFAULT_TYPES, TYPES, Group, UnknownParameterError, groups, select
 
 QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
+#: Elements per block of rows for streamed tensors and row cosines (4 MB in float32: small
+#: next to the matrices that are decomposed whole, large enough that reads stay sequential).
+BLOCK = 2**20
 
 
 def check_checkpoints(base: CheckpointReader, ckpts: Sequence[CheckpointReader]) -> tuple[list[str], dict[str, Group]]:
@@ -46,9 +52,22 @@ def check_checkpoints(base: CheckpointReader, ckpts: Sequence[CheckpointReader])
         raise AnalysisError(f"checkpoint {base.path}: {e}") from None
 
 
+def row_blocks(shape: Sequence[int], block: int | None = None) -> list[slice | None]:
+    """Slices of consecutive rows holding about ``block`` (default :data:`BLOCK`) elements each,
+    at least one row; ``[None]`` (the whole tensor) for a 0-d one."""
+    if not shape:
+        return [None]
+    step = max(1, (block or BLOCK) // max(1, math.prod(shape[1:])))
+    return [slice(i, i + step) for i in range(0, max(shape[0], 1), step)]
+
+
 def update_norms(base: CheckpointReader, ckpt: CheckpointReader) -> dict[str, float]:
-    """‖W_t − W_0‖_F for every shared tensor, streamed one tensor at a time."""
-    return {n: float((ckpt.get(n).double() - base.get(n).double()).norm()) for n in common_names(base, ckpt)}
+    """‖W_t − W_0‖_F (float64) for every shared tensor, streamed a block of rows at a time."""
+    out = {}
+    for n in common_names(base, ckpt):
+        blocks = row_blocks(base.shape(n))
+        out[n] = math.sqrt(sum(float((ckpt.get(n, r).double() - base.get(n, r).double()).norm()) ** 2 for r in blocks))
+    return out
 
 
 def lock_in_step(steps: Sequence[int], overlaps: Sequence[float | None], threshold: float = 0.9) -> int | None:
@@ -71,11 +90,17 @@ def trajectory_pca(X: torch.Tensor, n_components: int = 3) -> tuple[torch.Tensor
     return (U[:, :c] * S[:c]).float(), var
 
 
-def row_cosines(W0: torch.Tensor, Wt: torch.Tensor) -> torch.Tensor:
-    """Per-row cos(W_0[i], W_t[i]); NaN for rows that are zero on either side."""
-    den = W0.norm(dim=1) * Wt.norm(dim=1)
-    cos = (W0 * Wt).sum(1) / den
-    return torch.where(den > 0, cos, torch.full_like(cos, float("nan")))
+def row_cosines(W0: torch.Tensor, Wt: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Per-row cos(W_0[i], W_t[i]); NaN for rows that are zero on either side. Computed for
+    ``block`` elements' worth of rows at a time, so the product W_0 ⊙ W_t is never full-size;
+    each row's value does not depend on the blocking."""
+    out = []
+    for rows in row_blocks(W0.shape, block):
+        a, b = W0[rows], Wt[rows]
+        den = a.norm(dim=1) * b.norm(dim=1)
+        cos = (a * b).sum(1) / den
+        out.append(torch.where(den > 0, cos, torch.full_like(cos, float("nan"))))
+    return torch.cat(out)
 
 
 def cos_summary(cos: torch.Tensor) -> dict[str, float | int | None]:
@@ -161,35 +186,43 @@ def compute_dynamics(
     tensors: dict[str, torch.Tensor] = {}
 
     for name in tqdm(names, desc="analysing tensors", unit="tensor", disable=not progress):
-        w0 = base.get(name).to(device, torch.float32)
-        w0_norms[name] = float(w0.norm())
-        shape = list(w0.shape)
+        shape = list(base.shape(name))
         min_dim = min(shape) if len(shape) == 2 else None
         q = max(rank, spectral.n_components(max(fracs), min_dim)) if name in spectral_names else 0
-        norms, rows, Us, Ss, cos_rows, methods = [], [], [], [], [], set()
-        for ck in ckpts:
-            d = ck.get(name).to(device, torch.float32) - w0
-            fro = float(d.norm())
-            norms.append(fro)
-            if name in token_names:
-                cos = row_cosines(w0, w0 + d).cpu()
-                rows.append(cos_summary(cos))
-                cos_rows.append(cos)
-            if name in spectral_names:
-                dec = spectral.svd(d, q, exact=exact, oversample=oversample, niter=niter)
-                methods.add(dec.method)
-                Ss.append(dec.S.cpu())
-                metrics = spectral.spectrum_metrics(dec.S, fro**2, min_dim, tuple(fracs), dec.full)
-                spectrum.setdefault(name, []).append(metrics)
-                U, _ = spectral.sign_align(dec.U[:, :rank], dec.V[:, :rank])
-                Us.append(U.cpu() if fro > 0 else None)
-            del d
+        w0_sq, fro_sq, Us, Ss, methods = 0.0, [0.0] * n_ck, [], [], set()
+        # preallocated and filled in place: small tensors kept from block to block would fragment the
+        # memory freed by each block, so that the next block could not reuse it and the heap would grow
+        cos = torch.empty(n_ck, shape[0]) if name in token_names else None
+        # The SVD needs the whole ΔW; every other tensor is read a block of rows at a time. Squared
+        # norms of the blocks add up (and one block gives back exactly the whole tensor's norm).
+        for block in [None] if name in spectral_names else row_blocks(shape):
+            w0 = base.get(name, block).to(device, torch.float32)
+            w0_sq += float(w0.norm()) ** 2
+            for i, ck in enumerate(ckpts):
+                wt = ck.get(name, block).to(device, torch.float32)  # a fresh tensor: ours to overwrite
+                if name in token_names:
+                    cos[i, block or slice(None)] = row_cosines(w0, wt)
+                d = wt.sub_(w0)  # ΔW in place of W_t: one matrix per checkpoint, not two
+                fro = float(d.norm())
+                fro_sq[i] += fro**2
+                if name in spectral_names:
+                    dec = spectral.svd(d, q, exact=exact, oversample=oversample, niter=niter)
+                    methods.add(dec.method)
+                    Ss.append(dec.S.cpu())
+                    metrics = spectral.spectrum_metrics(dec.S, fro**2, min_dim, tuple(fracs), dec.full)
+                    spectrum.setdefault(name, []).append(metrics)
+                    U, _ = spectral.sign_align(dec.U[:, :rank], dec.V[:, :rank])
+                    Us.append(U.cpu() if fro > 0 else None)
+                    del dec
+                del wt, d
+            del w0
+        w0_norms[name], norms = math.sqrt(w0_sq), [math.sqrt(x) for x in fro_sq]
         modules[name] = {"layer": grp[name].layer, "type": grp[name].type, "shape": shape, "dtype": base.dtype(name),
                          "w0_norm": w0_norms[name], "spectral": name in spectral_names}
         per_module[name] = {"norm": norms, "rel": [x / w0_norms[name] if w0_norms[name] > 0 else None for x in norms]}
         if name in token_names:
-            shift[name] = {**_transpose(rows), "rows": shape[0]}
-            tensors[f"embedding_cos/{name}"] = torch.stack(cos_rows)
+            shift[name] = {**_transpose([cos_summary(c) for c in cos]), "rows": shape[0]}
+            tensors[f"embedding_cos/{name}"] = cos
         if name in spectral_names:
             modules[name].update(svd_method=methods.pop() if len(methods) == 1 else sorted(methods), svd_q=len(Ss[0]))
             spectrum[name] = _transpose(spectrum[name])
@@ -197,18 +230,18 @@ def compute_dynamics(
             alignment[name], traj = align_to_final(Us, steps, min(rank, min_dim), lock_threshold)
             if traj is not None:
                 tensors[f"u1/{name}"], tensors[f"trajectory_pca/{name}"], trajectory[name] = traj
-        del w0
 
     total_sq = [sum(per_module[n]["norm"][i] ** 2 for n in names) for i in range(n_ck)]
     for m in per_module.values():
         m["share"] = [x**2 / t if t > 0 else None for x, t in zip(m["norm"], total_sq)]
     magnitude = {**magnitude_tables(per_module, grp, w0_norms, n_ck), "per_module": per_module}
-    magnitude["selected_norm"] = [math.sqrt(sum(per_module[n]["norm"][i] ** 2 for n in spectral_names)) for i in range(n_ck)]
+    selected = [n for n in names if n in spectral_names]  # in name order: a set's order varies between runs
+    magnitude["selected_norm"] = [math.sqrt(sum(per_module[n]["norm"][i] ** 2 for n in selected)) for i in range(n_ck)]
     return {
         "modules": modules,
         "groups": {"types": [t for t in TYPES if any(g.type == t for g in grp.values())],
                    "layers": sorted({g.layer for g in grp.values() if g.layer is not None}),
-                   "selected_types": sorted(set(types)), "selected": [n for n in names if n in spectral_names]},
+                   "selected_types": sorted(set(types)), "selected": selected},
         "magnitude": magnitude,
         "spectrum": {"per_module": spectrum, "summary": _spectrum_summary(spectrum, n_ck)},
         "alignment": {"reference_step": steps[-1], "rank": rank, "threshold": lock_threshold,

@@ -3,8 +3,12 @@
 A checkpoint is a Hugging Face model directory with ``model.safetensors``, or shards listed in
 ``model.safetensors.index.json`` (what ``save_pretrained``, TRL and verl's HF export write).
 :class:`CheckpointReader` reads the safetensors headers up front (names, shapes, dtypes, and a
-check that no tensor runs past the end of its file) and loads one tensor at a time with
-``safetensors.safe_open``, so analyses never hold a whole model.
+check that no tensor runs past the end of its file) and loads one tensor, or a block of its
+rows, at a time with a plain file read, so analyses never hold a whole model. It does not use
+``safetensors.safe_open``: that memory-maps the file, and every page of a mapped file that has
+been touched counts in the process's resident memory until the mapping is closed, so reading a
+model through one costs as much peak memory as loading it whole. A read leaves the file's pages
+in the page cache only, and each tensor returned owns its memory.
 
 Every problem is an :class:`AnalysisError` naming the file and, where there is one, the tensor.
 """
@@ -12,12 +16,12 @@ Every problem is an :class:`AnalysisError` naming the file and, where there is o
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from effopd.checkpoint import COMPLETE, CheckpointError, is_complete
 
@@ -26,6 +30,12 @@ INDEX = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TRAILING_INT_RE = re.compile(r"(\d+)$")
+# safetensors dtype codes; the float8 and unsigned types only where this torch has them
+_DTYPES = {code: getattr(torch, name) for code, name in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, name)}
 
 
 class AnalysisError(CheckpointError):
@@ -39,7 +49,8 @@ def natural_key(name: str) -> list:
 
 def _read_header(file: Path) -> dict[str, dict]:
     """The safetensors header of ``file`` (8-byte little-endian length, then JSON), checked
-    against the file size so that a truncated file is reported with the first tensor it cuts."""
+    against the file size so that a truncated file is reported with the first tensor it cuts.
+    Each entry gets ``start``: the file offset of its first byte."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
@@ -54,8 +65,9 @@ def _read_header(file: Path) -> dict[str, dict]:
     data_bytes = size - 8 - n
     for name, info in header.items():
         try:
-            end = int(info["data_offsets"][1])
+            begin, end = (int(x) for x in info["data_offsets"])
             info["shape"], info["dtype"]
+            info["start"] = 8 + n + begin
         except (KeyError, TypeError, IndexError, ValueError):
             raise AnalysisError(f"{file} has a corrupt safetensors header entry for tensor {name!r}") from None
         if end > data_bytes:
@@ -70,7 +82,8 @@ class CheckpointReader:
     """Tensor-at-a-time access to one checkpoint directory.
 
     ``names`` lists the tensors in natural order; ``shape(name)`` and ``dtype(name)`` come from
-    the headers; ``get(name)`` loads one tensor (in its stored dtype, on CPU)."""
+    the headers; ``get(name)`` loads one tensor (in its stored dtype, on CPU), ``get(name, rows)``
+    a block of its rows. No file stays open between calls."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -87,17 +100,18 @@ class CheckpointReader:
                 f"{self.path} has neither {SINGLE} nor {INDEX}; analyses read safetensors checkpoints "
                 f"(re-save a .bin checkpoint with save_pretrained(..., safe_serialization=True))"
             )
-        self._entries: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        # name -> (file, dtype code, shape, file offset of the data, data bytes)
+        self._entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         for fname, expected in files.items():
             file = self.path / fname
             header = _read_header(file)
             for name, info in header.items():
-                self._entries[name] = (file, info["dtype"], tuple(info["shape"]))
+                begin, end = info["data_offsets"]
+                self._entries[name] = (file, info["dtype"], tuple(info["shape"]), info["start"], end - begin)
             missing = sorted(set(expected or ()) - set(header))
             if missing:
                 raise AnalysisError(f"{self.path / INDEX} puts tensor {missing[0]!r} in {file}, which does not contain it")
         self.names = sorted(self._entries, key=natural_key)
-        self._handles: dict[Path, object] = {}
 
     def _read_index(self) -> dict[str, list[str]]:
         index = self.path / INDEX
@@ -127,24 +141,38 @@ class CheckpointReader:
     def file(self, name: str) -> Path:
         return self._entries[name][0]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load tensor ``name`` (stored dtype, CPU)."""
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Load tensor ``name`` (stored dtype, CPU), or only ``rows`` (a slice of its first
+        dimension, step 1): a fresh tensor, read straight from the file into its own memory."""
         if name not in self._entries:
             raise AnalysisError(f"tensor {name!r} is not in checkpoint {self.path}")
-        file = self._entries[name][0]
-        try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            return self._handles[file].get_tensor(name)
-        except Exception as e:  # safetensors raises its own error type for corrupt data
-            raise AnalysisError(f"cannot read tensor {name!r} from {file}: {e}; the file may be corrupt") from None
+        file, code, shape, start, nbytes = self._entries[name]
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise AnalysisError(f"tensor {name!r} in {file} has dtype {code}, which this torch cannot hold")
+        if nbytes != math.prod(shape) * dtype.itemsize:
+            raise AnalysisError(f"{file} is corrupt: tensor {name!r} ({code}, shape {list(shape)}) has "
+                                f"{nbytes} data bytes; re-save or re-download it")
+        if rows is not None:
+            first, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError(f"rows must be a contiguous slice, got {rows}")
+            n_rows, row_bytes = max(0, stop - first), math.prod(shape[1:]) * dtype.itemsize
+            shape, start, nbytes = (n_rows, *shape[1:]), start + first * row_bytes, n_rows * row_bytes
+        out = torch.empty(shape, dtype=dtype)
+        with open(file, "rb") as f:
+            f.seek(start)
+            got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        if got != nbytes:
+            raise AnalysisError(f"cannot read tensor {name!r} from {file}: the file ended early; it may be corrupt")
+        return out
 
     def config(self) -> dict:
         cfg = self.path / "config.json"
         return json.loads(cfg.read_text()) if cfg.exists() else {}
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing to release (no file stays open); kept so that a reader works as a context manager."""
 
     def __enter__(self) -> CheckpointReader:
         return self

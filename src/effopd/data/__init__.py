@@ -14,6 +14,20 @@ def embedded_splits(seed: int = 0, min_ops: int = 2, max_ops: int = 3, digits: i
     return make_splits(TaskSpec(min_ops, max_ops, digits), seed)
 
 
+def check_answers(examples: list[Example], source: str) -> None:
+    """Every reference answer must be verifiable; name the first rows that are not."""
+    from effopd.data.loaders import DatasetError
+    from effopd.rewards import is_parseable
+
+    bad = [e for e in examples if not is_parseable(e.answer)]
+    if bad:
+        shown = "; ".join(f"{e.source}: {e.answer[:40]!r}" for e in bad[:3])
+        raise DatasetError(
+            f"{len(bad)} of {len(examples)} answers in {source} cannot be parsed as a number or a math "
+            f"expression, e.g. {shown}. Fix those rows or point data.answer_field at the final answer"
+        )
+
+
 def load_split(source: str, data_cfg, which: str) -> list[Example]:
     """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split."""
     if source == EMBEDDED:
@@ -24,6 +38,7 @@ def load_split(source: str, data_cfg, which: str) -> list[Example]:
 
         split = {"train": data_cfg.train_split, "val": data_cfg.val_split, "eval": data_cfg.eval_split}[which]
         examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field, split=split)
+        check_answers(examples, source)
     if which == "eval" and data_cfg.eval_limit:
         examples = examples[: data_cfg.eval_limit]
     template = data_cfg.prompt_template
