@@ -213,3 +213,12 @@ def test_resume_mid_effopd_equals_uninterrupted(tiny_models, tmp_path, monkeypat
     pick = lambda rs: [(r["step"], r.get("extrapolate/accepted_c"), r.get("extrapolate/scores")) for r in rs]  # noqa: E731
     assert pick(rows["a"]) == pick(rows["b"])
     assert any((r.get("extrapolate/accepted_c") or 1.0) > 1.0 for r in rows["a"]), "no candidate accepted: test too weak"
+
+
+def test_a_failed_start_leaves_no_run_dir(tiny_models, tmp_path):
+    from effopd.models import ModelLoadError
+
+    run = tmp_path / "run"
+    with pytest.raises(ModelLoadError):
+        train(load_config([], _overrides(tiny_models, **{"model.teacher": str(tmp_path / "missing")})), run, progress=False)
+    assert not run.exists()  # so the corrected command is not refused as "already holds a run"

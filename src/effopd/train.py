@@ -147,9 +147,11 @@ class Models:
     tokenizer: object
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Config:
+def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Never overwrite a run silently: a non-empty run directory needs ``--resume`` (continue it)
-    or ``--overwrite`` (delete it). Returns the config to use."""
+    or ``--overwrite`` (delete it). Only checks; nothing is written until the inputs loaded."""
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
     saved = run_dir / "config.yaml"
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if occupied and not (resume or overwrite):
@@ -157,8 +159,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, i
             f"run directory {run_dir} already holds a run; pass --resume to continue it or "
             "--overwrite to delete it and start again"
         )
-    if overwrite and occupied and is_main:
-        shutil.rmtree(run_dir)
     if resume and saved.exists():
         old = from_yaml_text(saved.read_text())
         diff = _diff(old, cfg) - RESUMABLE_KEYS
@@ -167,10 +167,14 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, i
                 f"--resume: the config differs from {saved} in {sorted(diff)}; only "
                 f"{sorted(RESUMABLE_KEYS)} may change on resume. Use a new run directory instead"
             )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, to_yaml(cfg))
-    return cfg
+
+
+def init_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> None:
+    """Create (or, with ``overwrite``, recreate) the run directory and save the resolved config."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def _diff(a: Config, b: Config) -> set[str]:
@@ -347,8 +351,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=use_cpu)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
-    cfg = prepare_run_dir(cfg, run_dir, resume, overwrite, is_main)
-    accelerator.wait_for_everyone()
+    check_run_dir(cfg, run_dir, resume, overwrite)
     if cfg.rollout.batch_size % world:
         raise ValueError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes")
 
@@ -358,6 +361,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     train_set, eval_set = load_split(cfg.data.train, cfg.data, "train"), load_split(cfg.data.eval, cfg.data, "eval")
     if not train_set:
         raise ValueError(f"data.train={cfg.data.train} holds no examples")
+    accelerator.wait_for_everyone()  # every process checked the old run dir before it changes
+    if is_main:
+        init_run_dir(cfg, run_dir, overwrite)
+    accelerator.wait_for_everyone()
 
     optimizer = torch.optim.AdamW(
         models.student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
