@@ -34,7 +34,7 @@ from effopd.utils import isolated_rng
 EXACT_MAX_DIM = 512
 #: Randomized SVD: extra sketch columns beyond q, and power iterations.
 OVERSAMPLE = 10
-NITER = 4
+NITER = 2
 
 
 @dataclass
