@@ -152,9 +152,9 @@ def _poison_steps(monkeypatch, bad_steps: set[int]) -> None:
     """Make the gradient of the given steps NaN, as an overflow would."""
     real, calls = train_mod.policy_step, {"n": 0}
 
-    def poisoned(cfg, accelerator, models, rollout, golds):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        out = real(cfg, accelerator, models, rollout, golds)
+        out = real(*args, **kwargs)
         if calls["n"] in bad_steps:
             next(models.student.parameters()).grad.fill_(float("nan"))
         return out

@@ -16,7 +16,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from effopd.losses import AGGREGATIONS
 
-METHODS = ("opd", "gopd")
+METHODS = ("opd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt")
+GROUP_METHODS = ("grpo", "dapo")  # outcome-reward RL: n responses per prompt form a group
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -50,6 +51,8 @@ class DataConfig:
     """Validation prompts for EffOPD's accept/reject decisions (`embedded` = the task's val split)."""
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    solution_field: str = "solution"
+    """Worked solutions (optional; needed only by `loss.method=sft-gt`)."""
     train_split: str | None = None
     eval_split: str | None = None
     val_split: str | None = None
@@ -89,23 +92,49 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     method: str = "opd"
-    """`opd` (A = lp_T - lp_old) or `gopd` (A = lam*(lp_T - lp_B) - (lp_old - lp_B))."""
+    """`opd` (A = lp_T - lp_old), `gopd` (A = lam*(lp_T - lp_B) - (lp_old - lp_B)), `gkd` (generalized JSD to
+    the teacher on student samples), `grpo`/`dapo` (group-normalized verifiable reward), `sft` (cross-entropy
+    on teacher samples) or `sft-gt` (cross-entropy on the data's worked solutions)."""
     lam: float = 1.0
     """G-OPD reward-extrapolation factor (1 = OPD, 1.25 = ExOPD)."""
+    gkd_beta: float = 0.5
+    """GKD: generalized JSD weight (0 = forward KL, 1 = reverse KL)."""
+    gkd_top_k: int | None = None
+    """GKD: compare the distributions on the teacher's top-k tokens only (null = full vocabulary)."""
     clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    clip_eps_high: float | None = None
+    """Upper PPO clip; null = 0.28 for dapo (clip-higher), else clip_eps_low."""
     dual_clip_c: float | None = 3.0
-    aggregation: str = "token-mean"
+    aggregation: str | None = None
+    """Loss reduction; null = seq-mean-token-mean for grpo, token-mean otherwise."""
+    std_norm: bool = True
+    """grpo/dapo: divide the group-centered reward by the group's std."""
+    dynamic_sampling: bool | None = None
+    """grpo/dapo: drop groups whose rewards are all equal and refill the batch; null = on for dapo."""
+    max_sample_rounds: int = 4
+    """Dynamic sampling: at most this many generation rounds per step (then train on what was kept)."""
+    overlong_penalty: float | None = None
+    """grpo/dapo: soft overlong penalty factor; null = 1.0 for dapo, 0 (off) otherwise."""
+    overlong_buffer: int | None = None
+    """Penalty ramps over the last this-many tokens before rollout.max_new_tokens; null = a quarter of it."""
     rollout_is: bool = False
     """Weight tokens by min(exp(lp_old - lp_roll), is_cap) (for rollout engines that differ from the trainer)."""
     is_cap: float = 5.0
 
     def __post_init__(self):
         _require(self.method in METHODS, "loss.method", self.method, f"choose one of {METHODS}")
+        m = self.method
         _require(self.lam >= 0, "loss.lam", self.lam, "must be >= 0")
-        _require(self.clip_eps_low >= 0 and self.clip_eps_high >= 0, "loss.clip_eps_*", (self.clip_eps_low, self.clip_eps_high), "must be >= 0")
+        _require(0 <= self.gkd_beta <= 1, "loss.gkd_beta", self.gkd_beta, "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
+        _require(self.gkd_top_k is None or self.gkd_top_k > 0, "loss.gkd_top_k", self.gkd_top_k, "must be > 0 or null")
+        _require(self.clip_eps_low >= 0 and (self.clip_eps_high is None or self.clip_eps_high >= 0), "loss.clip_eps_*", (self.clip_eps_low, self.clip_eps_high), "must be >= 0")
         _require(self.dual_clip_c is None or self.dual_clip_c > 1, "loss.dual_clip_c", self.dual_clip_c, "must be > 1 or null")
-        _require(self.aggregation in AGGREGATIONS, "loss.aggregation", self.aggregation, f"choose one of {AGGREGATIONS}")
+        _require(self.aggregation is None or self.aggregation in AGGREGATIONS, "loss.aggregation", self.aggregation, f"choose one of {AGGREGATIONS}")
+        _require(not self.dynamic_sampling or m in GROUP_METHODS, "loss.dynamic_sampling", self.dynamic_sampling,
+                 f"only the group methods {GROUP_METHODS} sample groups to filter")
+        _require(self.max_sample_rounds > 0, "loss.max_sample_rounds", self.max_sample_rounds, "must be > 0")
+        _require(self.overlong_penalty is None or self.overlong_penalty >= 0, "loss.overlong_penalty", self.overlong_penalty, "must be >= 0 (0 = off)")
+        _require(self.overlong_buffer is None or self.overlong_buffer >= 0, "loss.overlong_buffer", self.overlong_buffer, "must be >= 0 or null")
         _require(self.is_cap > 0, "loss.is_cap", self.is_cap, "must be > 0")
 
 
@@ -226,6 +255,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     extrapolate: ExtrapolateConfig = field(default_factory=ExtrapolateConfig)
 
+    def __post_init__(self):
+        """Fill the per-method defaults left null, then check what spans sections."""
+        loss, n, m = self.loss, self.rollout.n, self.loss.method
+        if loss.clip_eps_high is None:
+            loss.clip_eps_high = 0.28 if m == "dapo" else loss.clip_eps_low
+        if loss.aggregation is None:
+            loss.aggregation = "seq-mean-token-mean" if m == "grpo" else "token-mean"
+        if loss.dynamic_sampling is None:
+            loss.dynamic_sampling = m == "dapo"
+        if loss.overlong_penalty is None:
+            loss.overlong_penalty = 1.0 if m == "dapo" else 0.0
+        if loss.method in GROUP_METHODS:
+            _require(n >= 2, "rollout.n", n, f"loss.method={loss.method} compares the n responses to one prompt, so it "
+                     f"needs n >= 2 (e.g. rollout.n=8 rollout.batch_size=8, or start from --preset {loss.method})")
+        if loss.overlong_buffer is None:
+            loss.overlong_buffer = self.rollout.max_new_tokens // 4
+        _require(loss.overlong_buffer < self.rollout.max_new_tokens, "loss.overlong_buffer", loss.overlong_buffer,
+                 f"must be below rollout.max_new_tokens={self.rollout.max_new_tokens}")
+
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
     keys = []
@@ -240,6 +288,23 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
 def _suggest(bad_key: str) -> str:
     close = difflib.get_close_matches(bad_key, _all_keys(Config), n=1, cutoff=0.5)
     return f"; did you mean `{close[0]}`?" if close else ""
+
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The shipped YAML of preset ``name`` (e.g. ``grpo``)."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.exists():
+        close = difflib.get_close_matches(name, list_presets(), n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}; {hint}the presets are: {', '.join(list_presets())}")
+    return path
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:

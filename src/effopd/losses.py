@@ -212,3 +212,126 @@ def ppo_clip_loss(
             ),
         }
     return loss, metrics
+
+
+# --- RL baselines (GRPO, DAPO) -------------------------------------------------------------
+
+
+def group_advantages(rewards_B: Tensor, group_size: int, *, std_norm: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO outcome advantage per sequence: (r - mean of its group) / (std of its group + eps).
+
+    Rows are grouped consecutively: rows [g*n, (g+1)*n) are the n responses to one prompt. The
+    std is the unbiased one (as in GRPO, Shao et al. 2024); ``std_norm=False`` keeps only the
+    mean-centering (Dr. GRPO, Liu et al. 2025). Advantages in a group sum to zero; a group whose
+    rewards are all equal gets 0 everywhere. Returns (B,); broadcast over tokens with
+    ``[:, None]``.
+    """
+    if rewards_B.dim() != 1:
+        raise ValueError(f"rewards_B must be 1-D (B,) but has shape {tuple(rewards_B.shape)}; pass one reward per response.")
+    if not (isinstance(group_size, int) and group_size > 0) or rewards_B.numel() % group_size:
+        raise ValueError(
+            f"group_size={group_size!r} must be a positive integer dividing the {rewards_B.numel()} rewards; "
+            f"sample rollout.n responses for every prompt and keep them together."
+        )
+    # float64, and exact zeros for all-equal groups: in float32 a reward like 0.9 leaves a mean
+    # one rounding step off, and dividing that residue by (std + eps) would make it O(1e-2).
+    r_GN = rewards_B.detach().to(torch.float64).view(-1, group_size)
+    centered_GN = r_GN - r_GN.mean(-1, keepdim=True)
+    if std_norm and group_size > 1:
+        centered_GN = centered_GN / (r_GN.std(-1, keepdim=True) + eps)
+    centered_GN = torch.where(informative_groups(rewards_B, group_size)[:, None], centered_GN, 0.0)
+    return centered_GN.reshape(-1).to(torch.float32)
+
+
+def overlong_penalty(lengths_B: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the outcome reward.
+
+    0 for |y| <= max_len - buffer, falling linearly to -factor at |y| = max_len (and -factor
+    beyond). ``buffer`` = 0 gives the hard penalty: -factor only for |y| >= max_len, i.e. for
+    responses cut off by the length limit.
+    """
+    if not (0 <= buffer < max_len):
+        raise ValueError(f"buffer={buffer!r} must be in [0, max_len={max_len}); DAPO uses a buffer of about max_len/4.")
+    lengths_B = lengths_B.to(torch.float32)
+    if buffer == 0:
+        return torch.where(lengths_B >= max_len, -float(factor), 0.0)
+    over = (lengths_B - (max_len - buffer)).clamp(min=0.0) / buffer
+    return -factor * over.clamp(max=1.0)
+
+
+def informative_groups(rewards_B: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling filter: a bool per group, True when its rewards are not all equal
+    (an all-correct or all-wrong group has zero advantage everywhere and no gradient)."""
+    if not (isinstance(group_size, int) and group_size > 0) or rewards_B.numel() % group_size:
+        raise ValueError(f"{rewards_B.numel()} rewards cannot be split into groups of {group_size!r}; "
+                         f"pass the rollout.n responses of every prompt together.")
+    r_GN = rewards_B.detach().view(-1, group_size)
+    return (r_GN != r_GN[:, :1]).any(-1)
+
+
+# --- Distillation by matching distributions (GKD) and by imitation (SFT) --------------------
+
+
+def generalized_jsd(
+    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, *, beta: float = 0.5,
+    top_k: int | None = None, agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 2) per token,
+    between the teacher P and the student Q_theta at every response position:
+
+        JSD_beta = beta * KL(P || M) + (1 - beta) * KL(Q || M),   M = beta*P + (1 - beta)*Q
+
+    with the limits ``beta = 0`` -> forward KL(P || Q) and ``beta = 1`` -> reverse KL(Q || P)
+    (JSD_beta / beta and JSD_beta / (1 - beta) tend to them). ``top_k`` restricts both
+    distributions to the teacher's k most likely tokens, renormalized (sparse logits, for large
+    vocabularies); None uses the full vocabulary. Gradient flows into the student logits only.
+    Metrics: ``jsd`` (aggregated loss), ``teacher_mass`` (teacher probability inside top-k).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] but is {beta!r}; 0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD.")
+    if student_logits_BTV.shape != teacher_logits_BTV.shape or student_logits_BTV.dim() != 3:
+        raise ValueError(
+            f"student and teacher logits must both be (B, T, V) with one vocabulary, got "
+            f"{tuple(student_logits_BTV.shape)} and {tuple(teacher_logits_BTV.shape)}."
+        )
+    _check_same_shape("mask_BT", mask_BT, logits_BT=student_logits_BTV[..., 0])
+    # Zero the masked rows first: a nan/inf there would otherwise give a nan gradient through where().
+    valid_BT1 = mask_BT.bool()[..., None]
+    s_BTV = torch.where(valid_BT1, student_logits_BTV.float(), 0.0)
+    t_BTV = torch.where(valid_BT1, teacher_logits_BTV.detach().float(), 0.0)
+    teacher_mass = 1.0
+    if top_k is not None:
+        if not 0 < top_k <= s_BTV.shape[-1]:
+            raise ValueError(f"top_k must be in [1, {s_BTV.shape[-1]}] (the vocabulary) or None, got {top_k!r}.")
+        full_t = torch.log_softmax(t_BTV, -1)
+        t_BTV, idx_BTK = t_BTV.topk(top_k, dim=-1)
+        s_BTV = s_BTV.gather(-1, idx_BTK)
+        with torch.no_grad():
+            teacher_mass = masked_mean(full_t.gather(-1, idx_BTK).exp().sum(-1), mask_BT).item()
+    lq, lp = torch.log_softmax(s_BTV, -1), torch.log_softmax(t_BTV, -1)
+
+    def kl(la, lb):  # KL(a || b) over the last axis, from log-probabilities
+        return (la.exp() * (la - lb)).sum(-1)
+
+    if beta == 0.0:
+        jsd_BT = kl(lp, lq)
+    elif beta == 1.0:
+        jsd_BT = kl(lq, lp)
+    else:
+        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1.0 - beta)]), dim=0)
+        jsd_BT = beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
+    jsd_BT = _zero_masked(jsd_BT, mask_BT)
+    loss = aggregate(jsd_BT, mask_BT, mode=agg)
+    return loss, {"jsd": loss.item(), "teacher_mass": teacher_mass}
+
+
+def sft_loss(logp_BT: Tensor, mask_BT: Tensor, *, agg: str = "token-mean", norm_len: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of target tokens: aggregate(-logp) over ``mask_BT`` (the completion
+    tokens; prompt and padding positions carry mask 0 and contribute nothing).
+    Metric ``nll`` is the per-token negative log-likelihood."""
+    _check_2d("logp_BT", logp_BT)
+    _check_same_shape("logp_BT", logp_BT, mask_BT=mask_BT)
+    loss = aggregate(-logp_BT, mask_BT, mode=agg, norm_len=norm_len)
+    with torch.no_grad():
+        nll = masked_mean(-logp_BT.detach(), mask_BT).item()
+    return loss, {"nll": nll}

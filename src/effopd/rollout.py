@@ -66,7 +66,7 @@ def generate(
         _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy)
         for i in range(0, len(prompts), batch_size)
     ]
-    return parts[0] if len(parts) == 1 else _concat(parts, tokenizer.pad_token_id)
+    return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 
 def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy) -> Rollout:
@@ -109,7 +109,8 @@ def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
     return torch.cat([fill, x] if left else [x, fill], dim=1)
 
 
-def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts row-wise, re-padding prompts (left) and responses (right) to one width."""
     P = max(r.prompt_ids_BP.shape[1] for r in parts)
     T = max(r.response_ids_BT.shape[1] for r in parts)
     return Rollout(
@@ -120,3 +121,20 @@ def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
         torch.cat([_pad_to(r.logp_BT, T, 0.0, False) for r in parts]),
         [t for r in parts for t in r.texts],
     )
+
+
+def from_completions(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str]) -> Rollout:
+    """A teacher-forced batch: each prompt (left-padded, encoded as ``generate`` encodes it)
+    followed by a given completion and EOS (right-padded). The response mask covers exactly the
+    completion and its EOS, so a loss over it ignores prompt tokens. ``logp_BT`` is 0 (no sampler)."""
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"from_completions: got {len(prompts)} prompts and {len(completions)} completions; pass one completion per prompt")
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    T = max(len(r) for r in rows)
+    ids_BT = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids_BT[b, : len(r)] = torch.tensor(r)
+        mask_BT[b, : len(r)] = 1
+    return Rollout(enc["input_ids"], enc["attention_mask"], ids_BT, mask_BT, torch.zeros(ids_BT.shape), list(completions))

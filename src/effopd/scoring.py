@@ -13,9 +13,9 @@ import torch
 from effopd.rollout import Rollout
 
 
-def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``logp_BT[b, t] = log softmax(logits / temperature)[response_ids_BT[b, t]]`` at the
-    position that predicts it; 0 on padding. Differentiable when grad is enabled."""
+def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Float logits ``(B, T, V)`` of the positions that predict each response token (divided by
+    ``temperature``). Differentiable when grad is enabled."""
     ids_BL = torch.cat([rollout.prompt_ids_BP, rollout.response_ids_BT], dim=1)
     mask_BL = torch.cat([rollout.prompt_mask_BP, rollout.response_mask_BT], dim=1)
     pos_BL = (torch.cumsum(mask_BL, dim=1) - 1).clamp(min=0)
@@ -29,11 +29,20 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.T
         use_cache=False,
     )
     logits_BTV = out.logits[:, :-1].float()
-    if temperature != 1.0:
-        logits_BTV = logits_BTV / temperature
-    response_BT = rollout.response_ids_BT.to(device)
+    return logits_BTV / temperature if temperature != 1.0 else logits_BTV
+
+
+def gather_logprobs(logits_BTV: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """``log softmax(logits)[response token]`` per position; 0 on padding."""
+    response_BT = rollout.response_ids_BT.to(logits_BTV.device)
     logp_BT = torch.log_softmax(logits_BTV, dim=-1).gather(-1, response_BT.unsqueeze(-1)).squeeze(-1)
-    return logp_BT * rollout.response_mask_BT.to(device)
+    return logp_BT * rollout.response_mask_BT.to(logits_BTV.device)
+
+
+def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """``logp_BT[b, t] = log softmax(logits / temperature)[response_ids_BT[b, t]]`` at the
+    position that predicts it; 0 on padding. Differentiable when grad is enabled."""
+    return gather_logprobs(response_logits(model, rollout, temperature), rollout)
 
 
 @torch.no_grad()

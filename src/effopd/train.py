@@ -31,13 +31,16 @@ from effopd.config import Config, from_yaml_text, to_yaml
 from effopd.data import load_split
 from effopd.evaluate import evaluate_model
 from effopd.extrapolate import Extrapolator, Score
-from effopd.losses import gopd_advantages, masked_mean, opd_advantages, ppo_clip_loss, token_is_weight
+from effopd.losses import (
+    generalized_jsd, gopd_advantages, group_advantages, informative_groups, masked_mean, opd_advantages,
+    overlong_penalty, ppo_clip_loss, sft_loss, token_is_weight,
+)
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
 from effopd.module_groups import module_group
 from effopd.rewards import reward
-from effopd.rollout import generate
+from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
+from effopd.scoring import gather_logprobs, response_logits, token_logprobs
 from effopd.scoring import score as score_logprobs
-from effopd.scoring import token_logprobs
 from effopd.utils import atomic_write_text, isolated_rng
 
 # Keys that may change when resuming (they do not alter the trajectory up to the checkpoint).
@@ -142,9 +145,18 @@ class MetricsLog:
 @dataclass
 class Models:
     student: torch.nn.Module
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None
     base: torch.nn.Module | None
     tokenizer: object
+
+
+SCORED_BY_TEACHER = ("opd", "gopd")  # advantages from the teacher's per-token logprobs
+SFT_METHODS = ("sft", "sft-gt")
+
+
+def needs_teacher(cfg: Config) -> bool:
+    """grpo/dapo and sft-gt learn from rewards or data alone (unless EffOPD scores by the teacher)."""
+    return cfg.loss.method not in ("grpo", "dapo", "sft-gt") or (cfg.extrapolate.enabled and cfg.extrapolate.score == "teacher_logprob")
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -197,9 +209,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
     m = cfg.model
     tok = load_tokenizer(m.student, "student")
-    check_same_vocab(tok, load_tokenizer(m.teacher, "teacher"), m.student, m.teacher)
+    teacher = None
+    if needs_teacher(cfg):
+        check_same_vocab(tok, load_tokenizer(m.teacher, "teacher"), m.student, m.teacher)
+        teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
     student = load_model(student_path or m.student, "student", m.dtype, device)
-    teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
     base = None
     if cfg.loss.method == "gopd":  # the frozen student *init*, never a resumed checkpoint
         base = freeze(load_model(m.base or m.student, "student", m.dtype, device))
@@ -222,50 +236,159 @@ def evaluate_step(cfg: Config, model, tokenizer, examples, run_dir: Path, step: 
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def policy_step(cfg: Config, accelerator: Accelerator, models: Models, rollout, golds: list[str]) -> dict:
-    """Score the rollout, form advantages, and accumulate gradients of the policy loss over
+@dataclass
+class Batch:
+    """What one update trains on: the sequences, their reference answers, and (for grpo/dapo)
+    the reward of each sequence, grouped by prompt in consecutive runs of ``group_size`` rows."""
+
+    rollout: Rollout
+    golds: list[str]
+    rewards_B: torch.Tensor | None = None
+    group_size: int = 1
+    metrics: dict | None = None
+
+
+def sample_rewards(cfg: Config, rollout: Rollout, golds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(verifiable outcome reward, outcome + overlong penalty) per sampled response."""
+    outcome_B = torch.tensor([reward(t, g) for t, g in zip(rollout.texts, golds)], dtype=torch.float32)
+    total_B = outcome_B
+    if cfg.loss.overlong_penalty > 0:
+        total_B = outcome_B + overlong_penalty(rollout.lengths_B.cpu(), cfg.rollout.max_new_tokens,
+                                               cfg.loss.overlong_buffer, cfg.loss.overlong_penalty)
+    return outcome_B, total_B
+
+
+def assemble_batch(cfg: Config, models: Models, student, draw, k: int) -> Batch:
+    """Build the batch of one update from ``k`` prompts; ``draw(k)`` returns the next k training
+    examples of this process. The methods differ only here and in ``policy_step``'s loss:
+
+    - on-policy (opd, gopd, gkd, grpo, dapo): the student samples n responses per prompt;
+    - dapo (dynamic sampling): groups whose rewards are all equal are dropped and fresh prompts
+      are sampled until the batch is full again (at most ``loss.max_sample_rounds`` rounds);
+    - sft: the teacher samples the responses (off-policy distillation);
+    - sft-gt: the responses are the data's own worked solutions.
+    """
+    r = cfg.rollout
+    method = cfg.loss.method
+
+    def sample(model, examples):
+        return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
+                        temperature=r.temperature, top_p=r.top_p)
+
+    if method == "sft-gt":
+        examples = draw(k)
+        missing = [e for e in examples if e.solution is None]
+        if missing:
+            raise ValueError(
+                f"loss.method=sft-gt trains on worked solutions, but {missing[0].source or 'a training example'} has none; "
+                f"add a `{cfg.data.solution_field}` field to data.train (or set data.solution_field)"
+            )
+        ro = from_completions(models.tokenizer, [e.prompt for e in examples], [e.solution for e in examples])
+        return Batch(ro, [e.answer for e in examples])
+    if method == "sft":
+        examples = [e for e in draw(k) for _ in range(r.n)]
+        ro = sample(models.teacher, examples)
+        golds = [e.answer for e in examples]
+        return Batch(ro, golds, metrics={"train/target_reward": sum(map(reward, ro.texts, golds)) / len(golds)})
+
+    examples = [e for e in draw(k) for _ in range(r.n)]
+    ro = sample(student, examples)
+    golds = [e.answer for e in examples]
+    if method not in ("grpo", "dapo"):
+        return Batch(ro, golds)
+    outcome_B, total_B = sample_rewards(cfg, ro, golds)
+    if not cfg.loss.dynamic_sampling:
+        return Batch(ro, golds, total_B, r.n, {"train/reward": outcome_B.mean().item()})
+
+    parts, kept_golds, kept_rewards, all_outcomes, rounds = [], [], [], [outcome_B], 1
+    while True:
+        keep_G = informative_groups(total_B, r.n)
+        rows = keep_G.repeat_interleave(r.n).nonzero().squeeze(-1)
+        parts.append(ro.select(rows))
+        kept_golds += [golds[i] for i in rows.tolist()]
+        kept_rewards.append(total_B[rows])
+        if len(kept_golds) >= k * r.n or rounds >= cfg.loss.max_sample_rounds:
+            break
+        examples = [e for e in draw(k) for _ in range(r.n)]
+        ro, golds, rounds = sample(student, examples), [e.answer for e in examples], rounds + 1
+        outcome_B, total_B = sample_rewards(cfg, ro, golds)
+        all_outcomes.append(outcome_B)
+    metrics = {"train/reward": torch.cat(all_outcomes).mean().item(), "train/sample_rounds": rounds}
+    if not kept_golds:  # nothing informative: every advantage is 0, the update is weight decay only
+        metrics["train/kept_groups"] = 0
+        return Batch(ro, golds, total_B, r.n, metrics)
+    kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id)
+    n_rows = min(len(kept_golds), k * r.n)
+    metrics["train/kept_groups"] = n_rows // r.n
+    return Batch(kept.select(slice(0, n_rows)), kept_golds[:n_rows], torch.cat(kept_rewards)[:n_rows], r.n, metrics)
+
+
+def policy_step(cfg: Config, accelerator: Accelerator, models: Models, batch: Batch) -> dict:
+    """Form each method's per-token signal and accumulate gradients of its loss over
     micro-batches (weighted so that the result equals one pass over the whole batch)."""
+    method, loss_cfg, rollout = cfg.loss.method, cfg.loss, batch.rollout
+    temperature = 1.0 if method in SFT_METHODS else cfg.rollout.temperature
     t0 = time.time()
     chunk = cfg.train.score_chunk_size
-    teacher_logp_BT = score_logprobs(models.teacher, rollout, chunk_size=chunk)
+    teacher_logp_BT = score_logprobs(models.teacher, rollout, chunk_size=chunk) if method in SCORED_BY_TEACHER else None
     base_logp_BT = score_logprobs(models.base, rollout, chunk_size=chunk) if models.base is not None else None
+    seq_adv_B = None
+    if batch.rewards_B is not None:
+        seq_adv_B = group_advantages(batch.rewards_B, batch.group_size, std_norm=loss_cfg.std_norm)
     t_score = time.time() - t0
 
     B = rollout.response_ids_BT.shape[0]
     mb = cfg.train.micro_batch_size or B
     total_tokens = rollout.response_mask_BT.sum().clamp(min=1)
-    sums = {"loss": 0.0, "clip_frac": 0.0, "reverse_kl": 0.0}
+    sums: dict[str, float] = {"loss": 0.0}
     for i in range(0, B, mb):
         part, sl = rollout.select(slice(i, i + mb)), slice(i, i + mb)
-        mask_BT = part.response_mask_BT.to(teacher_logp_BT.device)
-        logp_BT = token_logprobs(models.student, part, temperature=cfg.rollout.temperature)
-        old_logp_BT = logp_BT.detach()
-        if cfg.loss.method == "gopd":
-            adv_BT = gopd_advantages(teacher_logp_BT[sl], old_logp_BT, base_logp_BT[sl], mask_BT, cfg.loss.lam)
+        mask_BT = part.response_mask_BT.to(accelerator.device)
+        if method == "gkd":
+            logits_BTV = response_logits(models.student, part, temperature)
+            with torch.no_grad():
+                teacher_logits_BTV = response_logits(models.teacher, part, temperature)
+            loss, m = generalized_jsd(logits_BTV, teacher_logits_BTV, mask_BT, beta=loss_cfg.gkd_beta,
+                                      top_k=loss_cfg.gkd_top_k, agg=loss_cfg.aggregation)
+            with torch.no_grad():
+                m["reverse_kl"] = masked_mean(gather_logprobs(logits_BTV, part) - gather_logprobs(teacher_logits_BTV, part), mask_BT).item()
+        elif method in SFT_METHODS:
+            loss, m = sft_loss(token_logprobs(models.student, part), mask_BT, agg=loss_cfg.aggregation,
+                               norm_len=rollout.response_ids_BT.shape[1])
         else:
-            adv_BT = opd_advantages(teacher_logp_BT[sl], old_logp_BT, mask_BT)
-        w_BT = token_is_weight(old_logp_BT, part.logp_BT.to(old_logp_BT.device), cfg.loss.is_cap) if cfg.loss.rollout_is else None
-        loss, m = ppo_clip_loss(
-            logp_BT, old_logp_BT, adv_BT, mask_BT, clip_eps_low=cfg.loss.clip_eps_low,
-            clip_eps_high=cfg.loss.clip_eps_high, dual_clip_c=cfg.loss.dual_clip_c, is_weight_BT=w_BT,
-            agg=cfg.loss.aggregation, norm_len=rollout.response_ids_BT.shape[1],
-        )
-        weight = (mask_BT.sum() / total_tokens) if cfg.loss.aggregation == "token-mean" else (part.response_ids_BT.shape[0] / B)
+            logp_BT = token_logprobs(models.student, part, temperature=temperature)
+            old_logp_BT = logp_BT.detach()
+            if method == "gopd":
+                adv_BT = gopd_advantages(teacher_logp_BT[sl], old_logp_BT, base_logp_BT[sl], mask_BT, loss_cfg.lam)
+            elif method == "opd":
+                adv_BT = opd_advantages(teacher_logp_BT[sl], old_logp_BT, mask_BT)
+            else:  # grpo / dapo: the sequence's advantage on each of its tokens
+                adv_BT = seq_adv_B[sl].to(mask_BT.device)[:, None] * mask_BT
+            w_BT = token_is_weight(old_logp_BT, part.logp_BT.to(old_logp_BT.device), loss_cfg.is_cap) if loss_cfg.rollout_is else None
+            loss, m = ppo_clip_loss(
+                logp_BT, old_logp_BT, adv_BT, mask_BT, clip_eps_low=loss_cfg.clip_eps_low,
+                clip_eps_high=loss_cfg.clip_eps_high, dual_clip_c=loss_cfg.dual_clip_c, is_weight_BT=w_BT,
+                agg=loss_cfg.aggregation, norm_len=rollout.response_ids_BT.shape[1],
+            )
+            if teacher_logp_BT is not None:
+                m["reverse_kl"] = float(masked_mean(old_logp_BT - teacher_logp_BT[sl], mask_BT))
+        weight = (mask_BT.sum() / total_tokens) if loss_cfg.aggregation == "token-mean" else (part.response_ids_BT.shape[0] / B)
         last = i + mb >= B
         with accelerator.no_sync(models.student) if not last else _nullcontext():
             accelerator.backward(loss * weight)
         sums["loss"] += loss.item() * float(weight)
-        sums["clip_frac"] += m.get("clip_frac", 0.0) * float(weight)
-        sums["reverse_kl"] += float(masked_mean(old_logp_BT - teacher_logp_BT[sl], mask_BT)) * float(weight)
-    acc = [reward(t, g) for t, g in zip(rollout.texts, golds)]
-    return {
-        "train/loss": sums["loss"],
-        "train/reverse_kl": sums["reverse_kl"],
-        "train/clip_frac": sums["clip_frac"],
-        "train/reward": sum(acc) / len(acc),
-        "train/response_length": rollout.lengths_B.float().mean().item(),
-        "time/score": t_score,
-    }
+        for key in ("clip_frac", "reverse_kl", "jsd", "nll"):
+            if key in m:
+                sums[key] = sums.get(key, 0.0) + m[key] * float(weight)
+    out = {f"train/{k}": v for k, v in sums.items()}
+    if method in SFT_METHODS:
+        out.update(batch.metrics or {})
+    else:
+        acc = [reward(t, g) for t, g in zip(rollout.texts, batch.golds)]
+        out["train/reward"] = sum(acc) / len(acc)
+        out.update(batch.metrics or {})
+    out.update({"train/response_length": rollout.lengths_B.float().mean().item(), "time/score": t_score})
+    return out
 
 
 class _nullcontext:
@@ -356,11 +479,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         raise ValueError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes")
 
     resume_from = ckpt.latest(run_dir / "checkpoints") if resume else None
-    torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from else None)
     train_set, eval_set = load_split(cfg.data.train, cfg.data, "train"), load_split(cfg.data.eval, cfg.data, "eval")
     if not train_set:
         raise ValueError(f"data.train={cfg.data.train} holds no examples")
+    val_set = load_split(cfg.data.val, cfg.data, "val") if cfg.extrapolate.enabled else None
+    torch.manual_seed(cfg.train.seed + accelerator.process_index)
+    models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from else None)
     accelerator.wait_for_everyone()  # every process checked the old run dir before it changes
     if is_main:
         init_run_dir(cfg, run_dir, overwrite)
@@ -374,9 +498,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     unwrapped = accelerator.unwrap_model(models.student)
     sampler = PromptSampler(len(train_set), cfg.train.seed)
     log = MetricsLog(run_dir / "metrics.jsonl", is_main)
-    extrapolator, val_set = None, None
+    extrapolator = None
     if cfg.extrapolate.enabled:
-        val_set = load_split(cfg.data.val, cfg.data, "val")
         extrapolator = make_extrapolator(cfg, unwrapped)
         if is_main:
             n = sum(p.numel() for p in extrapolator.params.values())
@@ -410,25 +533,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         log.log(0, maybe_eval(0))
 
     per_rank = cfg.rollout.batch_size // world
+
+    def draw(k: int) -> list:
+        """This process's share of the next global batch of prompts (every process advances the
+        shared order by the whole batch, so the replicas stay in step)."""
+        idx = sampler.next(k * world)
+        return [train_set[i] for i in idx[accelerator.process_index * k : (accelerator.process_index + 1) * k]]
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and is_main), initial=start, total=cfg.train.steps)
     metrics: dict = {}
     nonfinite_run, nonfinite_total = 0, 0
     with StopSignal() as stop:
         for step in bar:
             t_step = time.time()
-            idx = sampler.next(cfg.rollout.batch_size)
-            local = idx[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-            examples = [train_set[i] for i in local for _ in range(cfg.rollout.n)]
-
             t0 = time.time()
-            rollout = generate(
-                unwrapped, models.tokenizer, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            )
+            batch = assemble_batch(cfg, models, unwrapped, draw, per_rank)
             t_rollout = time.time() - t0
 
             t0 = time.time()
-            metrics = policy_step(cfg, accelerator, models, rollout, [e.answer for e in examples])
+            metrics = policy_step(cfg, accelerator, models, batch)
             grad_norm = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
             if math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
@@ -465,8 +587,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
                 metrics.update(maybe_eval(step))
             log.log(step, metrics)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.2f}", kl=f"{metrics['train/reverse_kl']:.3f}",
-                            **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
+            shown = {"reward": "train/reward", "kl": "train/reverse_kl", "nll": "train/nll", "eval": "eval/accuracy"}
+            bar.set_postfix({k: f"{metrics[key]:.3f}" for k, key in shown.items() if key in metrics})
             stopping = stop.requested(accelerator)
             if step % cfg.train.save_every == 0 or last or stopping:
                 save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator)

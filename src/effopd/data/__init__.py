@@ -8,6 +8,7 @@ from effopd.data.example import Example
 from effopd.data.task import TaskSpec, make_splits
 
 EMBEDDED = "embedded"
+REQUIRED = "required"  # a preset's placeholder for a prompt set the user must supply
 
 
 def embedded_splits(seed: int = 0, min_ops: int = 2, max_ops: int = 3, digits: int = 2) -> dict[str, list[Example]]:
@@ -30,6 +31,11 @@ def check_answers(examples: list[Example], source: str) -> None:
 
 def load_split(source: str, data_cfg, which: str) -> list[Example]:
     """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split."""
+    if source == REQUIRED:
+        from effopd.data.loaders import DatasetError
+
+        raise DatasetError(f"data.{which} is not set: this config needs your own prompt set; pass data.{which}=PATH "
+                           "(.jsonl, .parquet or a `datasets` directory with prompt and answer fields)")
     if source == EMBEDDED:
         splits = embedded_splits(data_cfg.task_seed, data_cfg.task_min_ops, data_cfg.task_max_ops, data_cfg.task_digits)
         examples = splits[{"train": "train", "val": "val", "eval": "test"}[which]]
@@ -37,7 +43,8 @@ def load_split(source: str, data_cfg, which: str) -> list[Example]:
         from effopd.data.loaders import load_examples
 
         split = {"train": data_cfg.train_split, "val": data_cfg.val_split, "eval": data_cfg.eval_split}[which]
-        examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field, split=split)
+        examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
+                                 solution_field=data_cfg.solution_field, split=split)
         check_answers(examples, source)
     if which == "eval" and data_cfg.eval_limit:
         examples = examples[: data_cfg.eval_limit]

@@ -1,0 +1,197 @@
+"""Every training method through the one loop: presets, 2-step CLI runs on tiny random models,
+and how each method assembles its batch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from effopd import cli
+from effopd import train as train_mod
+from effopd.config import ConfigError, list_presets, load_config, preset_path
+from effopd.data.example import Example
+from effopd.train import Models, assemble_batch
+
+EMBEDDED_PRESETS = ["opd", "opd-effopd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt"]
+METHOD_KEYS = {  # a metric only that method's loss produces
+    "opd": "train/reverse_kl", "opd-effopd": "extrapolate/s0", "gopd": "train/reverse_kl", "gkd": "train/jsd",
+    "grpo": "train/clip_frac", "dapo": "train/sample_rounds", "sft": "train/nll", "sft-gt": "train/nll",
+}
+
+
+def _tiny(tiny_models, **extra) -> list[str]:
+    base = {
+        "model.student": tiny_models["student"], "model.teacher": tiny_models["teacher"],
+        "rollout.batch_size": 4, "rollout.max_new_tokens": 10, "data.eval_limit": 8, "eval.max_new_tokens": 10,
+        "train.steps": 2, "train.eval_every": 1, "train.save_every": 1, "optim.lr": 1e-2, "extrapolate.val_prompts": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_presets_are_the_shipped_files():
+    assert set(EMBEDDED_PRESETS) | {"qwen3-1.7b-opd"} == set(list_presets())
+
+
+@pytest.mark.parametrize("name", EMBEDDED_PRESETS)
+def test_embedded_presets_share_one_budget(name):
+    cfg = load_config([preset_path(name)])
+    assert cfg.loss.method == name.removesuffix("-effopd")
+    assert cfg.extrapolate.enabled == (name == "opd-effopd")
+    assert (cfg.train.steps, cfg.rollout.batch_size * cfg.rollout.n, cfg.optim.lr) == (100, 64, 1e-5)
+    assert cfg.model.student == cfg.model.teacher == "embedded"
+
+
+def test_large_scale_preset_holds_the_published_setting(tmp_path, capsys):
+    cfg = load_config([preset_path("qwen3-1.7b-opd")], ["data.train=t.jsonl", "data.eval=e.jsonl"])
+    assert (cfg.model.student, cfg.model.teacher) == ("Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B")
+    assert (cfg.optim.lr, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p) == (1e-6, 1, 1.0, 1.0)
+    assert cfg.rollout.max_new_tokens == 16384 and cfg.optim.scheduler == "constant"
+    assert (cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.grad_clip) == ([0.9, 0.999], 0.01, 1.0)
+    assert "{prompt}" in cfg.data.prompt_template and "\\boxed{}" in cfg.data.prompt_template
+    # without a prompt set it stops before loading any model, and says what to pass
+    code = cli.main(["train", "--preset", "qwen3-1.7b-opd", "--run-dir", str(tmp_path / "r")])
+    assert code == 2 and "data.train=PATH" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_preset_suggests_the_closest(tmp_path, capsys):
+    assert cli.main(["train", "--preset", "grp", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "did you mean `grpo`" in capsys.readouterr().err
+
+
+def test_method_defaults_follow_the_method():
+    dapo = load_config([], ["loss.method=dapo", "rollout.n=4"]).loss
+    assert (dapo.clip_eps_high, dapo.aggregation, dapo.dynamic_sampling, dapo.overlong_penalty) == (0.28, "token-mean", True, 1.0)
+    assert dapo.overlong_buffer == 48 // 4
+    grpo = load_config([], ["loss.method=grpo", "rollout.n=4"]).loss
+    assert (grpo.clip_eps_high, grpo.aggregation, grpo.dynamic_sampling, grpo.overlong_penalty) == (0.2, "seq-mean-token-mean", False, 0.0)
+    # an explicit value always wins over the method's default
+    assert load_config([], ["loss.method=dapo", "rollout.n=4", "loss.clip_eps_high=0.3"]).loss.clip_eps_high == 0.3
+    assert load_config([], []).loss.aggregation == "token-mean"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["loss.method=grpo"], "rollout.n"),
+    (["loss.method=opd", "loss.dynamic_sampling=true"], "loss.dynamic_sampling"),
+    (["loss.method=gkd", "loss.gkd_beta=1.5"], "loss.gkd_beta"),
+    (["loss.method=ppo"], "loss.method"),
+    (["loss.method=dapo", "rollout.n=2", "loss.overlong_buffer=48"], "loss.overlong_buffer"),
+])
+def test_bad_method_settings_are_named(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([], bad)
+
+
+@pytest.mark.parametrize("name", EMBEDDED_PRESETS)
+def test_two_steps_of_every_method_through_the_cli(name, tiny_models, tmp_path):
+    extra = {"rollout.batch_size": 2, "rollout.n": 2} if name in ("grpo", "dapo") else {}
+    run = tmp_path / name
+    code = cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *_tiny(tiny_models, **extra)])
+    assert code == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) and "eval/accuracy" in r
+    assert METHOD_KEYS[name] in rows[1], sorted(rows[1])
+    assert (run / "checkpoints" / "step-2" / "COMPLETE").exists()
+    saved = load_config([run / "config.yaml"])
+    assert saved.loss.method == name.removesuffix("-effopd") and saved.train.steps == 2
+
+
+# --- batch assembly, method by method -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    from effopd.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_models["student"])
+    return Models(load_model(tiny_models["student"], "student"), load_model(tiny_models["teacher"], "teacher"), None, tok)
+
+
+def _examples(n: int) -> list[Example]:
+    from effopd.data.task import TaskSpec, generate_split
+
+    return generate_split(n, TaskSpec(), seed=5)
+
+
+def _drawer(pool):
+    state = {"i": 0}
+
+    def draw(k):
+        out = [pool[(state["i"] + j) % len(pool)] for j in range(k)]
+        state["i"] += k
+        return out
+
+    return draw, state
+
+
+def test_dynamic_sampling_refills_with_informative_groups_only(tiny, monkeypatch):
+    # A fake verifier with reward variance: 1 for an even-length response, else 0.
+    monkeypatch.setattr(train_mod, "reward", lambda text, gold: float(len(text) % 2 == 0))
+    cfg = load_config([], ["loss.method=dapo", "rollout.n=4", "rollout.batch_size=3", "rollout.max_new_tokens=12",
+                           "loss.max_sample_rounds=20"])
+    draw, state = _drawer(_examples(200))
+    torch.manual_seed(0)
+    batch = assemble_batch(cfg, tiny, tiny.student, draw, 3)
+    assert batch.group_size == 4 and len(batch.golds) == 12 == batch.rollout.response_ids_BT.shape[0]
+    r_GN = batch.rewards_B.view(-1, 4)
+    assert (r_GN.max(-1).values > r_GN.min(-1).values).all()  # no all-equal group survives
+    assert batch.metrics["train/kept_groups"] == 3
+    assert state["i"] == 3 * batch.metrics["train/sample_rounds"]  # every round drew fresh prompts
+    # the rewards are those of the kept responses (outcome + overlong penalty)
+    lengths = batch.rollout.lengths_B
+    expected = torch.tensor([float(len(t) % 2 == 0) for t in batch.rollout.texts])
+    expected = expected + train_mod.overlong_penalty(lengths, 12, cfg.loss.overlong_buffer, 1.0)
+    assert torch.allclose(batch.rewards_B, expected)
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds(tiny, monkeypatch):
+    monkeypatch.setattr(train_mod, "reward", lambda text, gold: 0.0)  # never informative
+    cfg = load_config([], ["loss.method=dapo", "rollout.n=2", "rollout.batch_size=2", "rollout.max_new_tokens=6",
+                           "loss.max_sample_rounds=3", "loss.overlong_penalty=0"])
+    draw, state = _drawer(_examples(50))
+    batch = assemble_batch(cfg, tiny, tiny.student, draw, 2)
+    assert batch.metrics["train/sample_rounds"] == 3 and batch.metrics["train/kept_groups"] == 0
+    assert state["i"] == 6
+    assert torch.equal(train_mod.group_advantages(batch.rewards_B, 2), torch.zeros(4))
+
+
+def test_sft_gt_trains_on_the_worked_solutions(tiny):
+    cfg = load_config([], ["loss.method=sft-gt"])
+    draw, _ = _drawer(_examples(10))
+    batch = assemble_batch(cfg, tiny, tiny.student, draw, 3)
+    assert batch.rollout.texts == [e.solution for e in _examples(10)[:3]]
+    decoded = tiny.tokenizer.batch_decode(batch.rollout.response_ids_BT, skip_special_tokens=True)
+    assert decoded == batch.rollout.texts
+
+
+def test_sft_gt_without_solutions_names_the_row(tiny):
+    cfg = load_config([], ["loss.method=sft-gt"])
+    rows = [Example("1+1=", "2", None, source="data.jsonl:7")]
+    with pytest.raises(ValueError, match="data.jsonl:7.*solution"):
+        assemble_batch(cfg, tiny, tiny.student, lambda k: rows * k, 1)
+
+
+def test_sft_samples_the_teacher_not_the_student(tiny):
+    cfg = load_config([], ["loss.method=sft", "rollout.max_new_tokens=8"])
+    pool = _examples(10)
+    draw, _ = _drawer(pool)
+    torch.manual_seed(3)
+    batch = assemble_batch(cfg, tiny, tiny.student, draw, 4)
+    from effopd.rollout import generate
+
+    torch.manual_seed(3)
+    ref = generate(tiny.teacher, tiny.tokenizer, [e.prompt for e in pool[:4]], max_new_tokens=8)
+    assert torch.equal(batch.rollout.response_ids_BT, ref.response_ids_BT)
+    assert "train/target_reward" in batch.metrics
+
+
+def test_rl_methods_do_not_load_the_teacher(tiny_models):
+    cfg = load_config([], _tiny(tiny_models, **{"loss.method": "grpo", "rollout.n": 2, "model.teacher": "/nonexistent"}))
+    models = train_mod.load_models(cfg, "cpu")
+    assert models.teacher is None
