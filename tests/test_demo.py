@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from effopd import cli
 from effopd.demo import METHODS, QUICK
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo") / "d"
-    code = cli.main(["demo", "--quick", "--no-progress", "--run-dir", str(run_dir)])
-    return code, run_dir
-
-
-def test_quick_demo_writes_every_run_and_one_report(demo_run, capsys):
-    code, run_dir = demo_run
-    assert code == 0
+def test_quick_demo_writes_every_run_and_one_report(tmp_path, capsys):
+    run_dir = tmp_path / "d"
+    assert cli.main(["demo", "--quick", "--no-progress", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/7] models" in out and "[7/7] writing the report" in out  # every stage announced, in order
+    assert f"report: {run_dir / 'report.html'}" in out
     record = json.loads((run_dir / "demo.json").read_text())
     assert record["budget"]["steps"] == QUICK.steps
     assert record["accuracy"]["teacher"] > 0.9 and record["accuracy"]["student"] < 0.6  # the shipped pair
@@ -47,8 +41,8 @@ def test_quick_demo_writes_every_run_and_one_report(demo_run, capsys):
         assert label in html
     assert "<img" in html or "<svg" in html
 
-
-def test_demo_refuses_to_overwrite(demo_run, capsys):
-    _, run_dir = demo_run
+    # a second demo into the same directory is refused, and nothing there changes
+    before = sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     assert cli.main(["demo", "--quick", "--no-progress", "--run-dir", str(run_dir)]) == 2
     assert "already holds a demo" in capsys.readouterr().err
+    assert sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before

@@ -195,3 +195,15 @@ def test_rl_methods_do_not_load_the_teacher(tiny_models):
     cfg = load_config([], _tiny(tiny_models, **{"loss.method": "grpo", "rollout.n": 2, "model.teacher": "/nonexistent"}))
     models = train_mod.load_models(cfg, "cpu")
     assert models.teacher is None
+
+
+@pytest.mark.parametrize("name", ["grpo", "sft-gt"])
+def test_effopd_switches_on_for_a_baseline(name, tiny_models, tmp_path):
+    extra = {"rollout.batch_size": 2, "rollout.n": 2} if name == "grpo" else {}
+    run = tmp_path / name
+    args = _tiny(tiny_models, **extra, **{"extrapolate.enabled": "true", "model.teacher": "/nonexistent"})
+    assert cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *args]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    searches = [r for r in rows if "extrapolate/s0" in r]
+    assert [r["step"] for r in searches] == [1, 2]  # triggered at steps 1 and 2, scored without a teacher
+    assert (run / "checkpoints" / "step-2" / "extrapolate_anchor.safetensors").exists()

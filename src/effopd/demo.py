@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -34,6 +34,9 @@ class Budget:
     eval_limit: int
     analysis_eval_limit: int
     val_prompts: int
+    scale_alphas: tuple[float, ...] | None = None
+    """Scales of the weight-scaling analysis (None: the analysis default, 0.5 ... 10)."""
+    scale_checkpoints: int = 2
 
     def overrides(self) -> list[str]:
         return [f"train.steps={self.steps}", f"train.eval_every={self.eval_every}", f"train.save_every={self.eval_every}",
@@ -41,7 +44,9 @@ class Budget:
 
 
 FULL = Budget(steps=100, eval_every=10, eval_limit=1000, analysis_eval_limit=300, val_prompts=128)
-QUICK = Budget(steps=30, eval_every=5, eval_limit=300, analysis_eval_limit=100, val_prompts=64)
+# Each model the analysis evaluates costs ~0.7 s whatever the prompt count, so --quick scales fewer.
+QUICK = Budget(steps=30, eval_every=10, eval_limit=200, analysis_eval_limit=60, val_prompts=64,
+               scale_alphas=(1.0, 3.0, 5.0), scale_checkpoints=1)
 
 
 def ensure_models(models_dir: Path | None) -> tuple[str, str]:
@@ -87,9 +92,9 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
 
     budget = QUICK if quick else FULL
     if steps:
-        budget = Budget(steps, min(budget.eval_every, steps), budget.eval_limit, budget.analysis_eval_limit, budget.val_prompts)
+        budget = replace(budget, steps=steps, eval_every=min(budget.eval_every, steps))
     if analysis_eval_limit:
-        budget.analysis_eval_limit = analysis_eval_limit
+        budget = replace(budget, analysis_eval_limit=analysis_eval_limit)
     # Every config is built (and so checked) before anything runs.
     configs = {name: load_config([preset_path(name)], budget.overrides() + list(overrides)) for name, _ in METHODS}
     if (run_dir / "report.html").exists() or any((run_dir / name).exists() for name, _ in METHODS):
@@ -99,9 +104,12 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     stages = tqdm(total=4 + len(METHODS), desc="demo", unit="stage", disable=not progress, position=0)
     t_start = time.time()
 
+    marks: list[tuple[str, float]] = []  # (stage, start time); stages.n stays 0 when the bar is disabled
+
     def stage(text: str) -> None:
+        marks.append((text, time.time()))
         stages.set_description_str(f"demo: {text}")
-        tqdm.write(f"[{stages.n + 1}/{stages.total}] {text}")
+        tqdm.write(f"[{len(marks)}/{stages.total}] {text}")
 
     stage("models")
     student, teacher = ensure_models(models_dir)
@@ -127,9 +135,12 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
 
     stage("analysing the checkpoints of every run")
     eval_fn = make_eval_fn("embedded", budget.analysis_eval_limit, cfg0.eval.max_new_tokens)
+    scaling = {"scale_checkpoints": budget.scale_checkpoints}
+    if budget.scale_alphas:
+        scaling["alphas"] = budget.scale_alphas
     for name, _ in METHODS:
         analyze(student, list_checkpoints(run_dir / name / "checkpoints"), run_dir / name / "analysis",
-                eval_fn=eval_fn, progress=progress)
+                eval_fn=eval_fn, progress=progress, **scaling)
     stages.update()
 
     stage("writing the report")
@@ -150,7 +161,9 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     print("\n".join(lines))
     print(f"\nreport: {report}\nruns: {', '.join(str(run_dir / n) for n, _ in METHODS)} "
           f"(config.yaml, metrics.jsonl, eval/, checkpoints/, analysis/)\ntotal {time.time() - t_start:.0f} s")
-    record = {"budget": budget.__dict__, "accuracy": acc, "runs": summaries, "report": str(report),
+    ends = [t for _, t in marks[1:]] + [time.time()]
+    record = {"budget": asdict(budget), "accuracy": acc, "runs": summaries, "report": str(report),
+              "stage_seconds": [[text, end - start] for (text, start), end in zip(marks, ends)],
               "seconds": time.time() - t_start}
     (run_dir / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
