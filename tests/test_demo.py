@@ -1,13 +1,16 @@
-"""`effopd demo --quick` end to end on the shipped models (about two minutes on 2 cores)."""
+"""`effopd demo --quick` end to end on the shipped models (about 2.5 minutes on 2 cores)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from effopd import cli
 from effopd.demo import METHODS, QUICK
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_every_run_and_one_report(tmp_path, capsys):
     run_dir = tmp_path / "d"
     assert cli.main(["demo", "--quick", "--no-progress", "--run-dir", str(run_dir)]) == 0

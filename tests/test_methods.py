@@ -86,6 +86,7 @@ def test_bad_method_settings_are_named(bad, match):
         load_config([], bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EMBEDDED_PRESETS)
 def test_two_steps_of_every_method_through_the_cli(name, tiny_models, tmp_path):
     extra = {"rollout.batch_size": 2, "rollout.n": 2} if name in ("grpo", "dapo") else {}

@@ -101,7 +101,9 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_weights(tiny_models
     complete checkpoint is intact, partial ones are ignored, and resuming reproduces the
     uninterrupted weights."""
     overrides = _overrides(tiny_models, **EFFOPD)
+    t0 = time.time()
     uninterrupted = _reference(tmp_path / "ref", overrides)
+    duration = time.time() - t0  # kill times are fractions of it, so the test crashes on any machine speed
     rows = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert any((r.get("extrapolate/accepted_c") or 1) > 1 for r in rows), "EffOPD never accepted: test too weak"
     rng = random.Random(0)
@@ -110,7 +112,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_weights(tiny_models
     for attempt in range(6):
         proc = _spawn(run, overrides, *(["--resume"] if attempt else []))
         try:
-            proc.wait(timeout=rng.uniform(4.0, 9.0))
+            proc.wait(timeout=rng.uniform(0.4, 0.9) * duration)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -156,6 +158,7 @@ def _poison_steps(monkeypatch, bad_steps: set[int]) -> None:
         calls["n"] += 1
         out = real(*args, **kwargs)
         if calls["n"] in bad_steps:
+            models = args[2]  # policy_step(cfg, accelerator, models, batch)
             next(models.student.parameters()).grad.fill_(float("nan"))
         return out
 

@@ -75,14 +75,14 @@ def _add_demo(sub) -> None:
         "demo", help="OPD vs OPD + EffOPD vs GRPO on the embedded task, analysed, in one HTML report",
         description="On the embedded task (shipped student and teacher): evaluate both, train OPD, OPD + EffOPD and "
         "GRPO at the same budget (presets opd, opd-effopd, grpo: 100 steps of 64 samples, lr 1e-5), analyse every "
-        "run's checkpoints, write RUN_DIR/report.html and print a comparison table. About 10 minutes on 2 CPU "
-        "cores; --quick: about 2.",
+        "run's checkpoints, write RUN_DIR/report.html and print a comparison table. About 8.5 minutes on 2 CPU "
+        "cores; --quick: about 2.5.",
     )
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo-<time>")
     p.add_argument("--quick", action="store_true", help="30 steps, smaller evaluation and validation sets")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (overrides the budget)")
     p.add_argument("--analysis-eval-limit", type=int, default=None,
-                   help="prompts per evaluation inside the analysis (default 300; 100 with --quick)")
+                   help="prompts per evaluation inside the analysis (default 200; 60 with --quick)")
     p.add_argument("--models", type=Path, default=None, metavar="DIR",
                    help="use DIR/{student,teacher} instead of the shipped models; bootstrapped into DIR if absent")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
