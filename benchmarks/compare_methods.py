@@ -26,6 +26,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from effopd.demo import first_reaching
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # label: (preset, extra overrides)
     "opd": ("opd", []),
@@ -78,10 +80,6 @@ def curve_of(run_dir: Path) -> tuple[dict[int, float], dict[int, float], list[fl
             acc[r["step"]] = r["eval/accuracy"]
     return acc, wall, per_step
 
-
-def first_reaching(acc: dict[int, float], target: float) -> int | None:
-    hits = [s for s, a in sorted(acc.items()) if a >= target]
-    return hits[0] if hits else None
 
 
 def weight_properties(analysis: dict) -> dict:

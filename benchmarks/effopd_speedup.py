@@ -27,6 +27,7 @@ from pathlib import Path
 from effopd.analysis import analyze
 from effopd.analysis.io import list_checkpoints
 from effopd.config import load_config
+from effopd.demo import first_reaching
 from effopd.models import resolve
 from effopd.train import train
 
@@ -45,10 +46,6 @@ def curve_of(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
             acc[r["step"]] = r["eval/accuracy"]
     return acc, wall
 
-
-def first_reaching(acc: dict[int, float], target: float) -> int | None:
-    hits = [s for s, a in sorted(acc.items()) if a >= target]
-    return hits[0] if hits else None
 
 
 def regime(run_dir: Path, base: str, out: Path) -> dict:

@@ -11,6 +11,7 @@ the clip is inactive), as in verl/TRL when there is a single update per rollout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -374,29 +375,18 @@ def policy_step(cfg: Config, accelerator: Accelerator, models: Models, batch: Ba
                 m["reverse_kl"] = float(masked_mean(old_logp_BT - teacher_logp_BT[sl], mask_BT))
         weight = (mask_BT.sum() / total_tokens) if loss_cfg.aggregation == "token-mean" else (part.response_ids_BT.shape[0] / B)
         last = i + mb >= B
-        with accelerator.no_sync(models.student) if not last else _nullcontext():
+        with accelerator.no_sync(models.student) if not last else contextlib.nullcontext():
             accelerator.backward(loss * weight)
         sums["loss"] += loss.item() * float(weight)
         for key in ("clip_frac", "reverse_kl", "jsd", "nll"):
             if key in m:
                 sums[key] = sums.get(key, 0.0) + m[key] * float(weight)
     out = {f"train/{k}": v for k, v in sums.items()}
-    if method in SFT_METHODS:
-        out.update(batch.metrics or {})
-    else:
-        acc = [reward(t, g) for t, g in zip(rollout.texts, batch.golds)]
-        out["train/reward"] = sum(acc) / len(acc)
-        out.update(batch.metrics or {})
+    out.update(batch.metrics or {})
+    if method not in SFT_METHODS and "train/reward" not in out:  # grpo/dapo scored their samples already
+        out["train/reward"] = sum(map(reward, rollout.texts, batch.golds)) / len(batch.golds)
     out.update({"train/response_length": rollout.lengths_B.float().mean().item(), "time/score": t_score})
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 ANCHOR_FILE = "extrapolate_anchor.safetensors"
