@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effopd.errors import UserError
+
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -238,22 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; effopd shows its own
-    from effopd.errors import USER_ERRORS
+    from effopd.errors import RunStopped, UserError
 
     handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report}
-    from effopd.train import NonFiniteError, TrainingInterrupted
-
     try:
         return handlers[args.command](args)
-    except TrainingInterrupted as err:
-        print(f"effopd {args.command}: {err}", file=sys.stderr)
+    except RunStopped as err:  # a signal, or non-finite losses: the message says what was saved
+        print(f"effopd {args.command}: {err.prefix}{err}", file=sys.stderr)
         return err.exit_code
-    except NonFiniteError as err:
+    except UserError as err:
         print(f"effopd {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as err:
-        print(f"effopd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"effopd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from effopd.errors import UserError
 from effopd.losses import AGGREGATIONS
 
 METHODS = ("opd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt")
@@ -21,7 +22,7 @@ GROUP_METHODS = ("grpo", "dapo")  # outcome-reward RL: n responses per prompt fo
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

@@ -89,7 +89,7 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     from effopd.evaluate import evaluate_model
     from effopd.models import load_model, load_tokenizer
     from effopd.report.build import build_report
-    from effopd.train import train
+    from effopd.train import RunDirError, train
 
     budget = QUICK if quick else FULL
     if steps:
@@ -99,8 +99,6 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     # Every config is built (and so checked) before anything runs.
     configs = {name: load_config([preset_path(name)], budget.overrides() + list(overrides)) for name, _ in METHODS}
     if (run_dir / "report.html").exists() or any((run_dir / name).exists() for name, _ in METHODS):
-        from effopd.train import RunDirError
-
         raise RunDirError(f"{run_dir} already holds a demo; pass another --run-dir (or delete it)")
     stages = tqdm(total=4 + len(METHODS), desc="demo", unit="stage", disable=not progress, position=0)
     t_start = time.time()

@@ -31,6 +31,8 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from effopd.errors import UserError
+
 TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other")
 ATTENTION_TYPES = frozenset({"q", "k", "v", "qkv", "o"})
 MLP_TYPES = frozenset({"gate", "up", "down"})
@@ -55,7 +57,7 @@ _C_PROJ_TYPES = {"attn": "o", "mlp": "down"}
 _BUFFERS = {("rotary_emb", "inv_freq"), ("attn", "bias"), ("attn", "masked_bias")}
 
 
-class UnknownParameterError(ValueError):
+class UnknownParameterError(UserError, ValueError):
     pass
 
 

@@ -30,6 +30,7 @@ from transformers import get_scheduler
 from effopd import checkpoint as ckpt
 from effopd.config import Config, from_yaml_text, to_yaml
 from effopd.data import load_split
+from effopd.errors import RunStopped, UserError
 from effopd.evaluate import evaluate_model
 from effopd.extrapolate import Extrapolator, Score
 from effopd.losses import (
@@ -48,20 +49,22 @@ from effopd.utils import atomic_write_text, isolated_rng
 RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.keep_last"}
 
 
-class RunDirError(RuntimeError):
-    pass
+class RunDirError(UserError, RuntimeError):
+    """The run directory holds something that forbids this start (a run, a different config)."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(RunStopped):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
+
+    prefix = ""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(RunStopped):
+    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 class StopSignal:

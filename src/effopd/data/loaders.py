@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from effopd.data.example import Example
+from effopd.errors import UserError
 
 SUPPORTED = ".jsonl, .parquet, or a directory written by datasets' save_to_disk"
 _QUOTE_CHARS = 60
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prompt set could not be read; the message names the file, the line/row and the fix."""
 
 

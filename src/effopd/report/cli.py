@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from effopd.errors import UserError
 
-class ReportError(ValueError):
+
+class ReportError(UserError, ValueError):
     """The report's inputs were wrong (a missing run directory, a label count that does not match)."""
 
 
