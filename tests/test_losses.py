@@ -12,10 +12,12 @@ import torch
 from effopd.losses import (
     AGGREGATIONS,
     aggregate,
+    aggregation_denominator,
     gopd_advantages,
     masked_mean,
     opd_advantages,
     ppo_clip_loss,
+    sft_loss,
     token_is_weight,
 )
 
@@ -97,6 +99,148 @@ def test_fully_masked_batch_gives_exact_zero_and_finite_gradient(mode):
     assert torch.equal(logp.grad, torch.zeros_like(logp))
     assert all(math.isfinite(v) for v in metrics.values())
     assert aggregate(t(LOSS), torch.zeros(3, 4, dtype=D), mode).item() == 0.0
+
+
+# ---------------------------------------------------------------- micro-batches: denominator
+
+# Five rows of 3, 0, 2, 1 and 4 tokens (10 in all, 4 non-empty rows), split into micro-batches
+# of 2, 1 and 2 rows; the first holds the fully masked row next to a non-empty one.
+SPLIT_MASK = [[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+SPLITS = [slice(0, 2), slice(2, 3), slice(3, 5)]
+# d loss / d l_bt for an unmasked token of row b, by hand:
+#   token-mean:              1 / 10 tokens
+#   seq-mean-token-mean:     1 / (4 rows * row length): rows 0, 2, 3, 4 -> 1/12, 1/8, 1/4, 1/16
+#   seq-mean-token-sum-norm: 1 / (5 rows * norm_len 4) = 1/20
+SPLIT_GRAD = {
+    "token-mean": [[1 / 10] * 3 + [0], [0] * 4, [1 / 10] * 2 + [0] * 2, [1 / 10] + [0] * 3, [1 / 10] * 4],
+    "seq-mean-token-mean": [[1 / 12] * 3 + [0], [0] * 4, [1 / 8] * 2 + [0] * 2, [1 / 4] + [0] * 3, [1 / 16] * 4],
+    "seq-mean-token-sum-norm": [[1 / 20] * 3 + [0], [0] * 4, [1 / 20] * 2 + [0] * 2, [1 / 20] + [0] * 3, [1 / 20] * 4],
+}
+
+
+def split_values(seed=0, dtype=D):
+    return torch.randn(5, 4, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "mask, expected",
+    [
+        # LOSS/MASK above: 4 tokens; 2 non-empty rows; 3 rows
+        (MASK, {"token-mean": 4.0, "seq-mean-token-mean": 2.0, "seq-mean-token-sum-norm": 3.0}),
+        (SPLIT_MASK, {"token-mean": 10.0, "seq-mean-token-mean": 4.0, "seq-mean-token-sum-norm": 5.0}),
+        # nothing to count: 1, so that the loss of a fully masked batch stays exactly 0
+        ([[0, 0], [0, 0]], {"token-mean": 1.0, "seq-mean-token-mean": 1.0, "seq-mean-token-sum-norm": 2.0}),
+    ],
+)
+def test_aggregation_denominator_hand_values(mask, expected):
+    for mode in AGGREGATIONS:
+        got = aggregation_denominator(t(mask), mode)
+        assert type(got) is float and got == expected[mode]
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_micro_batches_with_the_whole_batch_denominator_sum_to_one_pass(mode):
+    values, mask = split_values(), t(SPLIT_MASK)
+    whole = values.clone().requires_grad_()
+    single = aggregate(whole, mask, mode)
+    single.backward()
+    parts = values.clone().requires_grad_()
+    denominator = aggregation_denominator(mask, mode)
+    total = sum(aggregate(parts[sl], mask[sl], mode, denominator=denominator) for sl in SPLITS)
+    total.backward()
+    assert total.item() == pytest.approx(single.item(), abs=1e-12)
+    assert torch.allclose(parts.grad, whole.grad, atol=1e-12)
+    assert torch.allclose(parts.grad, t(SPLIT_GRAD[mode]), atol=1e-12)
+
+
+def test_seq_mean_weighting_micro_batches_by_row_share_is_wrong_with_an_empty_row():
+    # The case the denominator exists for. Weighting each micro-batch's own seq-mean by its
+    # share of the rows gives row 0 (alone among the non-empty rows of micro-batch 0) the weight
+    # 2/5 instead of 1/4, and rows 3 and 4 the weight (2/5)(1/2) = 1/5 instead of 1/4.
+    values, mask = split_values(), t(SPLIT_MASK)
+    mode = "seq-mean-token-mean"
+    single = aggregate(values, mask, mode).item()
+    by_share = sum(aggregate(values[sl], mask[sl], mode) * (sl.stop - sl.start) / 5 for sl in SPLITS)
+    exact = sum(aggregate(values[sl], mask[sl], mode, denominator=4.0) for sl in SPLITS)
+    assert abs(by_share.item() - single) > 1e-3
+    assert exact.item() == pytest.approx(single, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("sl", [*SPLITS, slice(1, 2), slice(0, 5)])  # slice(1, 2): the empty row alone
+def test_own_denominator_gives_the_default_bit_for_bit(dtype, mode, sl):
+    values, mask = split_values(seed=1, dtype=dtype)[sl], t(SPLIT_MASK).to(dtype)[sl]
+    a, b, c = (values.clone().requires_grad_() for _ in range(3))
+    own = aggregation_denominator(mask, mode)
+    ref = aggregate(a, mask, mode)
+    got = aggregate(b, mask, mode, denominator=own)
+    got_tensor = aggregate(c, mask, mode, denominator=torch.tensor(own))
+    for x in (ref, got, got_tensor):
+        x.backward()
+    assert torch.equal(got, ref) and torch.equal(got_tensor, ref)
+    assert torch.equal(b.grad, a.grad) and torch.equal(c.grad, a.grad)
+
+
+@pytest.mark.parametrize("norm_len", [None, 6])
+def test_own_denominator_matches_the_default_for_seq_mean_token_sum_norm(norm_len):
+    # mean() and sum() / B may round differently, so close rather than equal here.
+    values, mask = split_values(seed=2), t(SPLIT_MASK)
+    mode = "seq-mean-token-sum-norm"
+    ref = aggregate(values, mask, mode, norm_len=norm_len)
+    got = aggregate(values, mask, mode, norm_len=norm_len, denominator=aggregation_denominator(mask, mode))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_ppo_and_sft_micro_batches_with_the_denominator_sum_to_one_pass(mode):
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(5, 4, generator=g, dtype=D) * 3
+    old = logp + 0.3 * torch.randn(5, 4, generator=g, dtype=D)  # ratios both sides of the clip range
+    adv = torch.randn(5, 4, generator=g, dtype=D)
+    mask = t(SPLIT_MASK)
+    denominator = aggregation_denominator(mask, mode)
+
+    def ppo(x, sl, **kw):
+        return ppo_clip_loss(x[sl], old[sl], adv[sl], mask[sl], agg=mode, norm_len=4, **kw)[0]
+
+    def sft(x, sl, **kw):
+        return sft_loss(x[sl], mask[sl], agg=mode, norm_len=4, **kw)[0]
+
+    for loss_fn in (ppo, sft):
+        whole, parts = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        single = loss_fn(whole, slice(None))
+        single.backward()
+        total = sum(loss_fn(parts, sl, denominator=denominator) for sl in SPLITS)
+        total.backward()
+        assert total.item() == pytest.approx(single.item(), abs=1e-12)
+        assert torch.allclose(parts.grad, whole.grad, atol=1e-12)
+        assert whole.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "denominator, pattern",
+    [
+        (0.0, r"denominator must be a finite number > 0 but is 0.0; pass aggregation_denominator"),
+        (-4, r"denominator must be a finite number > 0 but is -4"),
+        (float("nan"), r"denominator must be a finite number > 0 but is nan"),
+        (float("inf"), r"denominator must be a finite number > 0 but is inf"),
+        ("4", r"denominator must be a number or a one-element tensor but is of type str"),
+        (True, r"denominator must be a number or a one-element tensor but is of type bool"),
+        (torch.ones(2), r"denominator must hold one number but is a tensor of shape \(2,\)"),
+    ],
+)
+def test_bad_denominator_raises_informative_errors(denominator, pattern):
+    for mode in AGGREGATIONS:
+        with pytest.raises(ValueError, match=pattern):
+            aggregate(t(LOSS), t(MASK), mode, denominator=denominator)
+
+
+def test_aggregation_denominator_bad_inputs_raise_informative_errors():
+    with pytest.raises(ValueError, match=r"unknown aggregation mode 'mean'; use one of"):
+        aggregation_denominator(t(MASK), "mean")
+    with pytest.raises(ValueError, match=r"mask_BT must be 2-D \(B, T\) but has shape \(4,\)"):
+        aggregation_denominator(t([1, 1, 0, 0]), "token-mean")
 
 
 # ---------------------------------------------------------------- advantages
@@ -236,6 +380,51 @@ def test_dual_clip_bounds_negative_advantage_loss_at_c_times_abs_adv():
     loss, grad, m = loss_and_grad([[2.0]], [[0.0]], [[1.0]])
     assert loss == pytest.approx(-1.2, abs=1e-12)
     assert m["dual_clip_frac"] == 0.0
+
+
+# Log-ratios beyond +-20 are clamped to +-20 before exp(). By hand, with eps = 0.2, c = 3 and
+# one token (so the loss is that token's pg):
+#   +L, A = +1:          max(-e^20, -1.2) = -1.2 (PPO clip)
+#   +L, A = -1, c = 3:   max(e^20, 1.2) = e^20 > 3 -> 3 (dual clip)
+#   +L, A = -1, no c:    e^20 (the clamped ratio)
+#   -L, A = +1:          max(-e^-20, -0.8) = -e^-20
+#   -L, A = -1:          max(e^-20, 0.8) = 0.8 (PPO clip; 0.8 < 3 leaves the dual clip off)
+# and no gradient in every case: clipped, or the clamp holds the ratio.
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 100.0), (D, 1000.0)])  # exp(big) overflows dtype
+@pytest.mark.parametrize(
+    "sign, adv, dual_clip_c, expected",
+    [
+        (1, 1.0, 3.0, -1.2),
+        (1, -1.0, 3.0, 3.0),
+        (1, -1.0, None, math.exp(20.0)),
+        (-1, 1.0, 3.0, -math.exp(-20.0)),
+        (-1, -1.0, 3.0, 0.8),
+        (-1, -1.0, None, 0.8),
+    ],
+)
+def test_extreme_log_ratio_gives_finite_loss_and_gradient(dtype, big, sign, adv, dual_clip_c, expected):
+    logp = torch.tensor([[sign * big]], dtype=dtype, requires_grad=True)
+    zeros, ones = torch.zeros(1, 1, dtype=dtype), torch.ones(1, 1, dtype=dtype)
+    loss, m = ppo_clip_loss(logp, zeros, torch.full((1, 1), adv, dtype=dtype), ones, dual_clip_c=dual_clip_c)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.isfinite(logp.grad).all() and logp.grad.item() == 0.0
+    assert all(math.isfinite(v) for v in m.values())
+
+
+@pytest.mark.parametrize(
+    "log_ratio, loss_and_grad_expected",
+    [
+        (0.0, (1.0, 1.0)),  # r = 1, A = -1: pg = r, d pg / d logp = r
+        (19.5, (math.exp(19.5), math.exp(19.5))),  # inside the bound: the plain ratio and its gradient
+        (20.5, (math.exp(20.0), 0.0)),  # beyond it: held at e^20, no gradient
+    ],
+)
+def test_log_ratio_clamp_acts_only_beyond_twenty(log_ratio, loss_and_grad_expected):
+    # A = -1 with dual clipping off, the one case where a huge ratio is not clipped away.
+    loss, grad, _ = loss_and_grad([[log_ratio]], [[0.0]], [[-1.0]], dual_clip_c=None)
+    assert loss == pytest.approx(loss_and_grad_expected[0], rel=1e-12)
+    assert grad.item() == pytest.approx(loss_and_grad_expected[1], rel=1e-12)
 
 
 def test_is_weight_multiplies_the_per_token_loss():

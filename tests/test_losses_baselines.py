@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.distributions import Categorical, kl_divergence
 
 from effopd.losses import (
+    aggregation_denominator,
     generalized_jsd,
     group_advantages,
     informative_groups,
@@ -32,9 +33,10 @@ def t(rows):
     return torch.tensor(rows, dtype=D)
 
 
-# Rewards on a dyadic grid (k/4) are exact in float32, which group_advantages computes in;
-# 0/1 outcome rewards, partial credit of 1/2 and the like all live here. (Non-dyadic equal
-# rewards hit a rounding bug, see test_equal_non_dyadic_rewards_give_zero_advantage.)
+# Rewards on a dyadic grid (k/4): 0/1 outcome rewards, partial credit of 1/2 and the like all
+# live here. group_advantages computes in float64 and returns float32, so it is compared with
+# the float64 references below to float32 precision; all-equal groups come out exactly 0 for
+# any reward (non-dyadic ones: test_equal_non_dyadic_rewards_give_zero_advantage).
 dyadic = st.integers(-16, 16).map(lambda k: k / 4)
 
 
@@ -357,11 +359,12 @@ def test_gkd_intermediate_beta_matches_reference(beta):
     assert loss.item() == pytest.approx(token_mean(ref_gjsd_BT(s, te, beta), mask).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [None, 1, 3, 7])
 @pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_gkd_identical_distributions_give_zero(beta):
+def test_gkd_identical_distributions_give_zero(beta, top_k):
     s, _, mask = random_logits(2)
     student = s.clone().requires_grad_()
-    loss, _ = generalized_jsd(student, s, mask, beta=beta)
+    loss, _ = generalized_jsd(student, s, mask, beta=beta, top_k=top_k)
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert student.grad.abs().max().item() < 1e-6
@@ -405,8 +408,9 @@ def test_gkd_small_beta_limits_are_forward_and_reverse_kl():
     assert errs_f[0] > errs_f[1] > errs_f[2] and errs_r[0] > errs_r[1] > errs_r[2]
 
 
+@pytest.mark.parametrize("top_k", [None, 1, 3])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_gkd_masked_positions_do_not_contribute(beta):
+def test_gkd_masked_positions_do_not_contribute(beta, top_k):
     s, te, mask = random_logits(4)
     g = torch.Generator().manual_seed(99)
     garbage_s, garbage_t = s.clone(), te.clone()
@@ -415,8 +419,8 @@ def test_gkd_masked_positions_do_not_contribute(beta):
     garbage_t[off] = torch.randn(int(off.sum()), s.shape[-1], generator=g, dtype=D) * 1e4
     a = s.clone().requires_grad_()
     b = garbage_s.clone().requires_grad_()
-    la, ma = generalized_jsd(a, te, mask, beta=beta)
-    lb, mb = generalized_jsd(b, garbage_t, mask, beta=beta)
+    la, ma = generalized_jsd(a, te, mask, beta=beta, top_k=top_k)
+    lb, mb = generalized_jsd(b, garbage_t, mask, beta=beta, top_k=top_k)
     la.backward()
     lb.backward()
     assert lb.item() == pytest.approx(la.item(), rel=1e-6)
@@ -426,8 +430,9 @@ def test_gkd_masked_positions_do_not_contribute(beta):
     assert mb == pytest.approx(ma)
 
 
+@pytest.mark.parametrize("top_k", [None, 1, 3])
 @pytest.mark.parametrize("which", ["student_inf", "teacher_nan"])
-def test_gkd_nonfinite_logits_under_the_mask_give_finite_zero_gradient(which):
+def test_gkd_nonfinite_logits_under_the_mask_give_finite_zero_gradient(which, top_k):
     s, te, mask = random_logits(5)
     off = mask == 0
     if which == "student_inf":
@@ -435,7 +440,7 @@ def test_gkd_nonfinite_logits_under_the_mask_give_finite_zero_gradient(which):
     else:
         te[off] = float("nan")
     s.requires_grad_()
-    loss, _ = generalized_jsd(s, te, mask, beta=0.5)
+    loss, _ = generalized_jsd(s, te, mask, beta=0.5, top_k=top_k)
     loss.backward()
     assert math.isfinite(loss.item())
     assert torch.isfinite(s.grad).all()
@@ -465,25 +470,136 @@ def test_gkd_top_k_full_vocabulary_equals_no_top_k():
     s, te, mask = random_logits(8)
     V = s.shape[-1]
     for beta in (0.0, 0.5, 1.0):
-        full, mf = generalized_jsd(s, te, mask, beta=beta)
-        topv, mk = generalized_jsd(s, te, mask, beta=beta, top_k=V)
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        full, mf = generalized_jsd(a, te, mask, beta=beta)
+        topv, mk = generalized_jsd(b, te, mask, beta=beta, top_k=V)  # the rest has mass 0
+        full.backward()
+        topv.backward()
         assert topv.item() == pytest.approx(full.item(), rel=1e-5)
+        assert torch.isfinite(b.grad).all()
+        assert torch.allclose(b.grad, a.grad, atol=1e-6)
         assert mk["teacher_mass"] == pytest.approx(1.0, abs=1e-6)
 
 
+def bucketed_log_probs(logits_BTV, idx_BTK):
+    """float64 log-probabilities of the k + 1 outcomes (tokens idx_BTK, then all the others)."""
+    p = torch.softmax(logits_BTV.double(), -1)
+    rest = p.scatter(-1, idx_BTK, 0.0).sum(-1, keepdim=True)
+    return torch.cat([p.gather(-1, idx_BTK), rest], -1).log()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("k", [1, 3])
-def test_gkd_top_k_restricts_to_teacher_top_tokens_and_reports_mass(k):
+def test_gkd_top_k_compares_top_tokens_and_the_rest_with_full_softmax_masses(k, beta):
     s, te, mask = random_logits(9)
     idx = te.topk(k, dim=-1).indices
-    p = torch.softmax(te, -1)
-    mass = token_mean(p.gather(-1, idx).sum(-1), mask).item()
-    ref = token_mean(ref_gjsd_BT(s.gather(-1, idx), te.gather(-1, idx), 0.5), mask).item()
-    loss, m = generalized_jsd(s, te, mask, beta=0.5, top_k=k)
+    mass = token_mean(torch.softmax(te, -1).gather(-1, idx).sum(-1), mask).item()
+    ref = token_mean(ref_gjsd_BT(bucketed_log_probs(s, idx), bucketed_log_probs(te, idx), beta), mask).item()
+    loss, m = generalized_jsd(s, te, mask, beta=beta, top_k=k)
     assert m["teacher_mass"] < 1.0
     assert m["teacher_mass"] == pytest.approx(mass, rel=1e-5)
-    assert loss.item() == pytest.approx(ref, rel=1e-5, abs=1e-7)
-    if k == 1:  # both renormalized onto one token: nothing left to diverge
-        assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    assert loss.item() > 1e-3
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+# Teacher P = (1/2, 1/4, 1/8, 1/8) and a uniform student Q, top_k = 1: the outcomes are token 0
+# and the rest, P = (1/2, 1/2) and Q = (1/4, 3/4). By hand:
+#   beta = 0: KL(P || Q) = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3)
+#   beta = 1: KL(Q || P) = 1/4 ln(1/2) + 3/4 ln(3/2)
+# and d KL(P || Q) / d s_j = q_j - p_0 for j = 0 and q_j - p_rest q_j / q_rest otherwise:
+#   (1/4 - 1/2, 1/4 - (1/2)(1/4)/(3/4), ...) = (-1/4, 1/12, 1/12, 1/12).
+HALVES_TEACHER = [[[math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.125)]]]
+
+
+def test_gkd_top_1_is_not_zero_hand_values():
+    te, one = t(HALVES_TEACHER), t([[1.0]])
+    student = torch.zeros(1, 1, 4, dtype=D, requires_grad=True)
+    loss, m = generalized_jsd(student, te, one, beta=0.0, top_k=1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    assert student.grad[0, 0].tolist() == pytest.approx([-1 / 4, 1 / 12, 1 / 12, 1 / 12], abs=1e-6)
+    assert m["teacher_mass"] == pytest.approx(0.5, rel=1e-6)
+    rev, _ = generalized_jsd(torch.zeros(1, 1, 4, dtype=D), te, one, beta=1.0, top_k=1)
+    assert rev.item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-6)
+    mid = torch.zeros(1, 1, 4, dtype=D, requires_grad=True)
+    jsd, _ = generalized_jsd(mid, te, one, beta=0.5, top_k=1)
+    jsd.backward()
+    assert jsd.item() > 1e-3 and mid.grad.abs().sum().item() > 1e-3
+
+
+# Teacher P = (0.4, 0.3, 0.1, 0.1, 0.1), top_k = 2: outcomes token 0, token 1, rest; P = (0.4, 0.3, 0.3).
+#   QA = (0.2, 0.2, 0.1, 0.2, 0.3) -> (0.2, 0.2, 0.6)
+#   QB = (0.2, 0.2, 0.3, 0.1, 0.2) -> (0.2, 0.2, 0.6): QA with mass moved among the rest
+#   QD = (0.1, 0.1, 0.2, 0.3, 0.3) -> (0.1, 0.1, 0.8): mass moved out of the top 2, whose
+#        renormalized shares (1/2, 1/2) equal QA's
+# Forward KL by hand: KL(P || QA) = 0.4 ln 2 + 0.3 ln 1.5 + 0.3 ln 0.5 = 0.1 ln 2 + 0.3 ln 1.5;
+# KL(P || QD) = 0.4 ln 4 + 0.3 ln 3 + 0.3 ln(3/8) = 0.6 ln 3 - 0.1 ln 2.
+TEACHER_5 = [0.4, 0.3, 0.1, 0.1, 0.1]
+QA, QB, QD = [0.2, 0.2, 0.1, 0.2, 0.3], [0.2, 0.2, 0.3, 0.1, 0.2], [0.1, 0.1, 0.2, 0.3, 0.3]
+
+
+def gkd_of_probs(q, beta, top_k=2):
+    """The one-token loss of a student with probabilities q against TEACHER_5."""
+    student, teacher = torch.log(t([[q]])), torch.log(t([[TEACHER_5]]))
+    return generalized_jsd(student, teacher, t([[1.0]]), beta=beta, top_k=top_k)[0].item()
+
+
+def test_gkd_top_k_hand_values_with_mass_outside_the_top_k():
+    assert gkd_of_probs(QA, 0.0) == pytest.approx(0.1 * math.log(2) + 0.3 * math.log(1.5), rel=1e-6)
+    assert gkd_of_probs(QD, 0.0) == pytest.approx(0.6 * math.log(3) - 0.1 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_gkd_top_k_sees_mass_leaving_the_top_k_but_not_where_it_goes(beta):
+    assert gkd_of_probs(QB, beta) == pytest.approx(gkd_of_probs(QA, beta), rel=1e-6)
+    assert abs(gkd_of_probs(QD, beta) - gkd_of_probs(QA, beta)) > 1e-2
+
+
+def test_gkd_top_k_small_beta_limits_are_forward_and_reverse_kl():
+    s, te, mask = random_logits(13, scale=1.0)
+    for k in (1, 3):
+        fwd = generalized_jsd(s, te, mask, beta=0.0, top_k=k)[0].item()
+        rev = generalized_jsd(s, te, mask, beta=1.0, top_k=k)[0].item()
+        assert abs(fwd - rev) > 1e-3  # the two directions really differ here
+        # JSD_beta / beta -> KL(P || Q) and JSD_{1-beta} / beta -> KL(Q || P), with an O(beta) gap
+        beta = 1e-3
+        assert generalized_jsd(s, te, mask, beta=beta, top_k=k)[0].item() / beta == pytest.approx(fwd, rel=1e-2)
+        assert generalized_jsd(s, te, mask, beta=1 - beta, top_k=k)[0].item() / beta == pytest.approx(rev, rel=1e-2)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_top_k_rest_of_zero_student_mass_gives_finite_loss_and_gradient(beta):
+    # The student puts no mass outside the teacher's top 2 (logits -inf there) while the
+    # teacher does: the rest has mass 0 on one side only.
+    s, te, mask = random_logits(14)
+    idx = te.topk(2, dim=-1).indices
+    outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
+    s = s.masked_fill(outside, -float("inf")).requires_grad_()
+    loss, _ = generalized_jsd(s, te, mask, beta=beta, top_k=2)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_gkd_micro_batches_with_the_denominator_sum_to_one_pass(agg, top_k):
+    g = torch.Generator().manual_seed(15)
+    s, te = (torch.randn(4, 3, 6, generator=g, dtype=D) * 2 for _ in range(2))
+    mask = t([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])  # a fully masked row in the first half
+    whole, parts = s.clone().requires_grad_(), s.clone().requires_grad_()
+    single, _ = generalized_jsd(whole, te, mask, beta=0.5, top_k=top_k, agg=agg)
+    single.backward()
+    denominator = aggregation_denominator(mask, agg)
+    total = 0.0
+    for sl in (slice(0, 2), slice(2, 4)):
+        loss, _ = generalized_jsd(
+            parts[sl], te[sl], mask[sl], beta=0.5, top_k=top_k, agg=agg, denominator=denominator
+        )
+        total = total + loss
+    total.backward()
+    assert total.item() == pytest.approx(single.item(), rel=1e-6)
+    assert torch.allclose(parts.grad, whole.grad, atol=1e-7)
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.1, float("nan")])
@@ -493,10 +609,10 @@ def test_gkd_bad_beta_raises(beta):
         generalized_jsd(s, te, mask, beta=beta)
 
 
-@pytest.mark.parametrize("top_k", [0, 8])
+@pytest.mark.parametrize("top_k", [0, 8, 2.0, True])
 def test_gkd_bad_top_k_raises(top_k):
     s, te, mask = random_logits(11)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 7\] \(the vocabulary size\) or None"):
         generalized_jsd(s, te, mask, top_k=top_k)
 
 

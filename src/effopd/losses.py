@@ -17,11 +17,15 @@ whatever values they hold (inf and nan included).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# |log r| is clamped to this before exp() in the PPO loss (the bound verl uses): exp(88) already
+# overflows float32, and an infinite ratio gives a nan gradient even where the loss is clipped.
+LOG_RATIO_BOUND = 20.0
 
 
 def _check_same_shape(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
@@ -63,8 +67,67 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
+def aggregation_denominator(mask_BT: Tensor, mode: str) -> float:
+    """The normaliser that ``aggregate(loss_BT, mask_BT, mode)`` divides by, for a whole batch.
+
+    - ``token-mean``: the number of unmasked tokens;
+    - ``seq-mean-token-mean``: the number of rows with at least one unmasked token;
+    - ``seq-mean-token-sum-norm``: the number of rows B.
+
+    At least 1, so that a fully masked batch gives exactly 0 as it does without a denominator.
+    A trainer that splits a batch into micro-batches calls this once on the whole batch's mask
+    and passes the result as ``denominator`` to every micro-batch's loss; the sum of the
+    micro-batch losses (and of their gradients) then equals one pass over the whole batch.
+    """
+    _check_2d("mask_BT", mask_BT)
+    if mode == "token-mean":
+        count = (mask_BT != 0).sum().item()
+    elif mode == "seq-mean-token-mean":
+        count = (mask_BT.sum(-1) > 0).sum().item()
+    elif mode == "seq-mean-token-sum-norm":
+        count = mask_BT.shape[0]
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}; use one of {AGGREGATIONS}.")
+    return float(max(count, 1))
+
+
+def _denominator_tensor(denominator: float | Tensor, like: Tensor) -> Tensor:
+    """``denominator`` as a detached 0-dim tensor of ``like``'s dtype and device.
+
+    A python number must be finite and > 0. A tensor must hold one element; its value is not
+    checked (that would wait for the device).
+    """
+    if isinstance(denominator, Tensor):
+        if denominator.numel() != 1:
+            raise ValueError(
+                f"denominator must hold one number but is a tensor of shape "
+                f"{tuple(denominator.shape)}; pass aggregation_denominator(mask of the whole "
+                f"batch, mode), a float."
+            )
+        return denominator.detach().reshape(()).to(dtype=like.dtype, device=like.device)
+    if isinstance(denominator, bool) or not isinstance(denominator, numbers.Real):
+        raise ValueError(
+            f"denominator must be a number or a one-element tensor but is of type "
+            f"{type(denominator).__name__}; pass aggregation_denominator(mask of the whole "
+            f"batch, mode)."
+        )
+    if not (math.isfinite(denominator) and denominator > 0):
+        raise ValueError(
+            f"denominator must be a finite number > 0 but is {denominator!r}; pass "
+            f"aggregation_denominator(mask of the whole batch, mode), which is at least 1."
+        )
+    # A tensor on the loss's device rather than a python scalar: CUDA divides by a scalar as a
+    # multiplication by its reciprocal, which would round differently from the None path.
+    return torch.tensor(float(denominator), dtype=like.dtype, device=like.device)
+
+
 def aggregate(
-    loss_BT: Tensor, mask_BT: Tensor, mode: str = "token-mean", norm_len: float | None = None
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    mode: str = "token-mean",
+    norm_len: float | None = None,
+    *,
+    denominator: float | Tensor | None = None,
 ) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
@@ -75,14 +138,34 @@ def aggregate(
       per-token weight (Dr. GRPO, Liu et al. 2025, Sec. 3.1).
 
     A fully masked batch gives exactly 0.
+
+    ``denominator`` replaces the normaliser of this batch by that of a larger batch that this
+    one is a micro-batch of (see ``aggregation_denominator``), so that summing the micro-batch
+    losses gives the loss of the whole batch:
+
+    - ``token-mean``: sum_{b,t} l*m / denominator (the whole batch's unmasked tokens);
+    - ``seq-mean-token-mean``: sum over non-empty rows of the row's masked mean, / denominator
+      (the whole batch's non-empty rows); a fully masked row contributes nothing;
+    - ``seq-mean-token-sum-norm``: sum over rows of sum_t l*m / norm_len, / denominator (the
+      whole batch's row count B).
+
+    With ``denominator`` equal to this batch's own normaliser, ``token-mean`` and
+    ``seq-mean-token-mean`` give bit for bit what ``denominator=None`` gives. The denominator
+    receives no gradient.
     """
     _check_2d("loss_BT", loss_BT)
     _check_same_shape("loss_BT", loss_BT, mask_BT=mask_BT)
+    denom = None if denominator is None else _denominator_tensor(denominator, loss_BT)
     if mode == "token-mean":
-        return masked_mean(loss_BT, mask_BT)
+        if denom is None:
+            return masked_mean(loss_BT, mask_BT)
+        return _zero_masked(loss_BT, mask_BT).sum() / denom
     if mode == "seq-mean-token-mean":
         seq_B = masked_mean(loss_BT, mask_BT, dim=-1)
-        return masked_mean(seq_B, mask_BT.sum(-1) > 0)
+        nonempty_B = mask_BT.sum(-1) > 0
+        if denom is None:
+            return masked_mean(seq_B, nonempty_B)
+        return _zero_masked(seq_B, nonempty_B).sum() / denom
     if mode == "seq-mean-token-sum-norm":
         norm = loss_BT.shape[-1] if norm_len is None else norm_len
         if not norm > 0:
@@ -90,7 +173,8 @@ def aggregate(
                 f"norm_len must be > 0 but is {norm_len!r}; pass the maximum response length "
                 f"(or leave it None to use the padded length T)."
             )
-        return (_zero_masked(loss_BT, mask_BT).sum(-1) / norm).mean()
+        row_B = _zero_masked(loss_BT, mask_BT).sum(-1) / norm
+        return row_B.mean() if denom is None else row_B.sum() / denom
     raise ValueError(f"unknown aggregation mode {mode!r}; use one of {AGGREGATIONS}.")
 
 
@@ -149,13 +233,22 @@ def ppo_clip_loss(
     is_weight_BT: Tensor | None = None,
     agg: str = "token-mean",
     norm_len: float | None = None,
+    denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Dual-clip PPO policy loss (Schulman et al. 2017, eq. 7; Ye et al. 2020, eq. 5).
 
-        r_t  = exp(lp_theta - lp_old)
+        r_t  = exp(clamp(lp_theta - lp_old, -20, 20))
         pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))
         pg_t = min(pg_t, -A_t c)          for A_t < 0 (dual clip, c > 1; None disables)
         loss = aggregate(w_t * pg_t)      w_t = token IS weight, 1 when not given
+
+    The log-ratio is clamped to [-20, 20] (``LOG_RATIO_BOUND``, as verl does) before exp():
+    beyond it exp() would overflow float32 near 88 and give a nan gradient. A token past the
+    bound has its ratio held at e^{+-20} and passes no gradient; such a token is clipped by PPO
+    anyway unless dual clipping is off and A_t < 0 (or A_t > 0 with r_t below e^-20).
+
+    ``agg``, ``norm_len`` and ``denominator`` are passed to ``aggregate`` (``denominator``: the
+    normaliser of the whole batch when this is one micro-batch of it).
 
     Gradient flows only through ``logp_BT``. Metrics (means over unmasked tokens):
     ``clip_frac`` (PPO clip active), ``dual_clip_frac``, ``ratio_mean``, ``adv_mean``,
@@ -179,8 +272,10 @@ def ppo_clip_loss(
 
     valid_BT = mask_BT.bool()
     # Mask the log-ratio before exp(): a huge value under the mask would otherwise give
-    # exp() = inf and a nan gradient even though where() discards it later.
+    # exp() = inf and a nan gradient even though where() discards it later. The clamp does the
+    # same for unmasked tokens.
     log_ratio_BT = _zero_masked(logp_BT - old_logp_BT.detach(), mask_BT)
+    log_ratio_BT = log_ratio_BT.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio_BT = torch.exp(log_ratio_BT)
     adv_BT = _zero_masked(adv_BT.detach(), mask_BT)
 
@@ -199,7 +294,7 @@ def ppo_clip_loss(
         is_weight_BT = _zero_masked(is_weight_BT.detach(), mask_BT)
         pg_BT = pg_BT * is_weight_BT
 
-    loss = aggregate(pg_BT, mask_BT, mode=agg, norm_len=norm_len)
+    loss = aggregate(pg_BT, mask_BT, mode=agg, norm_len=norm_len, denominator=denominator)
 
     with torch.no_grad():
         metrics = {
@@ -272,9 +367,37 @@ def informative_groups(rewards_B: Tensor, group_size: int) -> Tensor:
 # --- Distillation by matching distributions (GKD) and by imitation (SFT) --------------------
 
 
+def _logsumexp_no_nan(x_BTV: Tensor) -> Tensor:
+    """log sum_v exp(x) over the last axis, with rows of only -inf giving log(tiny) (about -87
+    in float32) instead of -inf, and gradient 0 rather than nan into such rows."""
+    m_BT1 = x_BTV.detach().amax(-1, keepdim=True)
+    m_BT1 = torch.where(torch.isfinite(m_BT1), m_BT1, 0.0)
+    # The sum is >= 1 whenever a row holds a finite entry (its maximum contributes exp(0)), so
+    # the clamp acts only on all -inf rows, where it keeps log() and its gradient finite.
+    total_BT = torch.exp(x_BTV - m_BT1).sum(-1)
+    return m_BT1.squeeze(-1) + torch.log(total_BT.clamp(min=torch.finfo(x_BTV.dtype).tiny))
+
+
+def _top_k_with_rest(logits_BTV: Tensor, idx_BTK: Tensor, in_top_BTV: Tensor) -> Tensor:
+    """Log-probabilities under softmax(``logits_BTV``) of k + 1 outcomes: each token of
+    ``idx_BTK`` (``in_top_BTV`` marks the same tokens) and, last, all other tokens together.
+
+    Exact masses of the full softmax; the rest's log-mass is a log-sum-exp over the other
+    tokens' log-probabilities, accurate however small it is (1 - top-k mass would cancel). A
+    rest without tokens (k = V) or of zero mass gets log-probability log(tiny), about -87 in
+    float32, and passes no gradient.
+    """
+    lse_BT1 = torch.logsumexp(logits_BTV, -1, keepdim=True)
+    top_BTK = logits_BTV.gather(-1, idx_BTK) - lse_BT1
+    # (logits - lse) is a fresh tensor, so filling it in place leaves autograd intact.
+    rest_BTV = (logits_BTV - lse_BT1).masked_fill_(in_top_BTV, -math.inf)
+    return torch.cat([top_BTK, _logsumexp_no_nan(rest_BTV)[..., None]], -1)
+
+
 def generalized_jsd(
     student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, *, beta: float = 0.5,
-    top_k: int | None = None, agg: str = "token-mean",
+    top_k: int | None = None, agg: str = "token-mean", norm_len: float | None = None,
+    denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 2) per token,
     between the teacher P and the student Q_theta at every response position:
@@ -282,10 +405,19 @@ def generalized_jsd(
         JSD_beta = beta * KL(P || M) + (1 - beta) * KL(Q || M),   M = beta*P + (1 - beta)*Q
 
     with the limits ``beta = 0`` -> forward KL(P || Q) and ``beta = 1`` -> reverse KL(Q || P)
-    (JSD_beta / beta and JSD_beta / (1 - beta) tend to them). ``top_k`` restricts both
-    distributions to the teacher's k most likely tokens, renormalized (sparse logits, for large
-    vocabularies); None uses the full vocabulary. Gradient flows into the student logits only.
-    Metrics: ``jsd`` (aggregated loss), ``teacher_mass`` (teacher probability inside top-k).
+    (JSD_beta / beta and JSD_beta / (1 - beta) tend to them). Computed in float32.
+
+    ``top_k`` (sparse logits, for large vocabularies) compares P and Q over k + 1 outcomes
+    instead of V: each of the teacher's k most likely tokens, and "any other token". Every
+    outcome keeps its exact probability under the full softmax (nothing is renormalized), so
+    student mass that leaves the teacher's top k raises the loss even though how it spreads
+    over the other tokens does not matter. ``top_k = V`` gives the full-vocabulary loss (the
+    rest then has mass 0); None uses the full vocabulary directly.
+
+    ``agg``, ``norm_len`` and ``denominator`` are passed to ``aggregate``. Gradient flows into
+    the student logits only. Metrics: ``jsd`` (the per-token mean over this batch's unmasked
+    tokens, whatever ``agg``), ``teacher_mass`` (mean teacher probability of its top k tokens,
+    1.0 without ``top_k``).
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1] but is {beta!r}; 0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD.")
@@ -300,15 +432,21 @@ def generalized_jsd(
     s_BTV = torch.where(valid_BT1, student_logits_BTV.float(), 0.0)
     t_BTV = torch.where(valid_BT1, teacher_logits_BTV.detach().float(), 0.0)
     teacher_mass = 1.0
-    if top_k is not None:
-        if not 0 < top_k <= s_BTV.shape[-1]:
-            raise ValueError(f"top_k must be in [1, {s_BTV.shape[-1]}] (the vocabulary) or None, got {top_k!r}.")
-        full_t = torch.log_softmax(t_BTV, -1)
-        t_BTV, idx_BTK = t_BTV.topk(top_k, dim=-1)
-        s_BTV = s_BTV.gather(-1, idx_BTK)
+    if top_k is None:
+        lq, lp = torch.log_softmax(s_BTV, -1), torch.log_softmax(t_BTV, -1)
+    else:
+        V = s_BTV.shape[-1]
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= V:
+            raise ValueError(
+                f"top_k must be an integer in [1, {V}] (the vocabulary size) or None for the "
+                f"full vocabulary, got {top_k!r}."
+            )
+        idx_BTK = t_BTV.topk(int(top_k), dim=-1).indices
+        in_top_BTV = torch.zeros_like(t_BTV, dtype=torch.bool).scatter_(-1, idx_BTK, True)
+        lp = _top_k_with_rest(t_BTV, idx_BTK, in_top_BTV)
+        lq = _top_k_with_rest(s_BTV, idx_BTK, in_top_BTV)
         with torch.no_grad():
-            teacher_mass = masked_mean(full_t.gather(-1, idx_BTK).exp().sum(-1), mask_BT).item()
-    lq, lp = torch.log_softmax(s_BTV, -1), torch.log_softmax(t_BTV, -1)
+            teacher_mass = masked_mean(lp[..., :-1].exp().sum(-1), mask_BT).item()
 
     def kl(la, lb):  # KL(a || b) over the last axis, from log-probabilities
         return (la.exp() * (la - lb)).sum(-1)
@@ -321,17 +459,23 @@ def generalized_jsd(
         lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1.0 - beta)]), dim=0)
         jsd_BT = beta * kl(lp, lm) + (1.0 - beta) * kl(lq, lm)
     jsd_BT = _zero_masked(jsd_BT, mask_BT)
-    loss = aggregate(jsd_BT, mask_BT, mode=agg)
-    return loss, {"jsd": loss.item(), "teacher_mass": teacher_mass}
+    loss = aggregate(jsd_BT, mask_BT, mode=agg, norm_len=norm_len, denominator=denominator)
+    with torch.no_grad():
+        jsd = masked_mean(jsd_BT.detach(), mask_BT).item()
+    return loss, {"jsd": jsd, "teacher_mass": teacher_mass}
 
 
-def sft_loss(logp_BT: Tensor, mask_BT: Tensor, *, agg: str = "token-mean", norm_len: float | None = None) -> tuple[Tensor, dict[str, float]]:
+def sft_loss(
+    logp_BT: Tensor, mask_BT: Tensor, *, agg: str = "token-mean", norm_len: float | None = None,
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of target tokens: aggregate(-logp) over ``mask_BT`` (the completion
     tokens; prompt and padding positions carry mask 0 and contribute nothing).
-    Metric ``nll`` is the per-token negative log-likelihood."""
+    ``agg``, ``norm_len`` and ``denominator`` are passed to ``aggregate``.
+    Metric ``nll`` is the per-token negative log-likelihood of this batch."""
     _check_2d("logp_BT", logp_BT)
     _check_same_shape("logp_BT", logp_BT, mask_BT=mask_BT)
-    loss = aggregate(-logp_BT, mask_BT, mode=agg, norm_len=norm_len)
+    loss = aggregate(-logp_BT, mask_BT, mode=agg, norm_len=norm_len, denominator=denominator)
     with torch.no_grad():
         nll = masked_mean(-logp_BT.detach(), mask_BT).item()
     return loss, {"nll": nll}

@@ -7,6 +7,21 @@ compared in three steps, cheapest first (DESIGN.md, "Evaluation and rewards"):
 2. for plain integers/decimals on both sides (``066``, ``-3.0``, ``.5``), exact numeric equality;
 3. otherwise ``math-verify`` (sympy-based), so ``\\frac{1}{2}``, ``\\frac12`` and ``0.5`` agree.
 
+Numbers compare exactly, on both paths: ``0.5000001`` is not ``0.5`` whether the other side is
+written ``0.5`` or ``\\frac12``, and integers of any size are told apart. Step 2 compares two
+``Decimal`` values, which is exact. math-verify compares integers and fractions exactly but
+rounds both sides to ``float_rounding`` decimal places whenever one side is a decimal number
+(its default, 6, makes ``\\frac12`` equal ``0.5000001``, ``\\frac13`` equal ``0.333333`` and
+``\\sqrt{2}`` equal ``1.414214``); we pass ``float_rounding=FLOAT_ROUNDING`` = 50, which is
+exact for any answer with at most 50 decimal places. (Its parsed decimals carry their own
+written digits, 15 significant ones or more, so rounding at 50 places adds no binary noise:
+``0.7`` still equals ``\\frac{7}{10}``.) Exact rather than 6-place rounding because only
+exactness can be one rule for both paths: math-verify compares an integer with a decimal
+exactly whatever ``float_rounding`` is (``\\frac{6}{2}`` != ``3.0000001``), so rounding
+plain numbers to 6 places would make ``3`` vs ``3.0000001`` and ``\\frac{6}{2}`` vs
+``3.0000001`` disagree. A decimal approximation of a fraction or a root is therefore wrong
+(``0.333333`` for ``\\frac13``), as a reference answer written as a fraction asks for.
+
 The reward of a response is 1.0 if its answer is equivalent to the gold answer, else 0.0. Nothing
 in this module raises on odd model output: a response without a usable answer scores 0.
 
@@ -30,6 +45,9 @@ from decimal import Decimal
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+# Decimal places math-verify rounds both sides to when one of them is a decimal number: far
+# beyond any written answer, so that its comparison is exact like the plain-number path's.
+FLOAT_ROUNDING = 50
 # Seconds math-verify may spend on each parse and each comparison (it takes whole seconds).
 VERIFY_TIMEOUT_S = 3
 # Longer predicted answers are not sent to math-verify: no real final answer is this long, and
@@ -139,7 +157,11 @@ def _math_verify_equal(pred: str, gold: str) -> bool:
             if not gold_parsed or not pred_parsed:
                 return False
             # verify is asymmetric: gold first.
-            return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+            return bool(
+                verify(
+                    gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING, timeout_seconds=timeout
+                )
+            )
     except (Exception, TimeoutException):  # TimeoutException is a BaseException
         return False
 
@@ -163,10 +185,13 @@ def is_parseable(answer: str) -> bool:
 def is_equivalent(pred: str | None, gold: str) -> bool:
     """Whether the predicted answer ``pred`` means the same as ``gold``.
 
-    None or an empty answer is never equivalent. Plain numbers on both sides are compared
-    exactly (``066`` = ``66``, ``-3`` = ``-3.0``, ``0.5`` != ``0.50001``) without sympy. Other
-    answers go to math-verify unless ``pred`` is longer than ``MAX_ANSWER_CHARS`` or has
-    unbalanced braces (then False). Any failure inside math-verify counts as not equivalent.
+    None or an empty answer is never equivalent. Numbers compare exactly on both paths (see
+    the module docstring): plain numbers on both sides as ``Decimal`` values without sympy
+    (``066`` = ``66``, ``-3`` = ``-3.0``, ``0.5`` != ``0.5000001``), and math-verify with
+    ``float_rounding=FLOAT_ROUNDING`` (50 decimal places), so ``\\frac{1}{2}`` = ``0.5`` but
+    ``\\frac12`` != ``0.5000001`` and ``\\frac13`` != ``0.333333``. Other answers go to
+    math-verify unless ``pred`` is longer than ``MAX_ANSWER_CHARS`` or has unbalanced braces
+    (then False). Any failure inside math-verify counts as not equivalent.
     """
     if pred is None:
         return False
