@@ -59,7 +59,7 @@ include the interpreter + torch baseline, recorded as ``rss_after_imports_mb``.
 Ratios: speed-up = naive / effopd time, memory = effopd / naive peak. Accuracy:
 effopd's top-r singular values (``tensors.safetensors`` ``singular_values/<name>``, every
 checkpoint) against the naive exact ones: max over modules and checkpoints of
-|σ̂_i − σ_i| / σ_i, i ≤ r. Targets (issue 4): speed-up ≥ 5, memory ≤ 0.25, error ≤ 1e-3.
+|σ̂_i − σ_i| / σ_i, i ≤ r. Targets: speed-up ≥ 5, memory ≤ 0.25, error ≤ 1e-3.
 
 Torch threads are not set here: children inherit ``OMP_NUM_THREADS`` etc. from the environment.
 """
@@ -72,11 +72,12 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from effopd.utils import median, write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -301,7 +302,7 @@ def child(kind: str, job_file: Path) -> None:
     if kind == "generate":
         t0 = time.perf_counter()
         generate(job["spec"], Path(job["data"]))
-        Path(job["result"]).write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
+        write_json(job["result"], {"wall_s": time.perf_counter() - t0}, indent=None)
         return
     work = {"effopd": run_effopd, "naive": run_naive}[kind]
     start = _status()
@@ -320,11 +321,11 @@ def child(kind: str, job_file: Path) -> None:
         "torch_threads": torch.get_num_threads(),
         **info,
     }
-    Path(job["result"]).write_text(json.dumps(result))
+    write_json(job["result"], result, indent=None)
 
 
 def spawn(kind: str, job: dict, job_file: Path) -> dict:
-    job_file.write_text(json.dumps(job))
+    write_json(job_file, job, indent=None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(job_file)]
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
@@ -381,13 +382,13 @@ def prepare_data(args, spec: dict) -> tuple[Path, float | None]:
     print(f"writing synthetic base + {len(spec['steps'])} checkpoint(s) to {data} ...", flush=True)
     res = spawn("generate", {"spec": spec, "data": str(data), "result": str(data / "generate.json")},
                 data / "generate-job.json")
-    spec_file.write_text(json.dumps(spec))  # written last: its presence means the data is complete
+    write_json(spec_file, spec, indent=None)  # written last: its presence means the data is complete
     return data, res["wall_s"]
 
 
 def summarize(runs: list[dict]) -> dict:
     keys = ("wall_s", "peak_rss_mb", "peak_anon_mb", "ru_maxrss_mb", "rss_after_imports_mb")
-    return {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {k: median(r[k] for r in runs) for k in keys}
 
 
 def main() -> None:
@@ -488,7 +489,7 @@ def main() -> None:
         "pass": targets["speedup_ge_5"] and targets["memory_le_quarter"] and targets["rel_err_le_1e-3"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
     print()
     print(markdown(record))
     print(f"\nwrote {args.out}")

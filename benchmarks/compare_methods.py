@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from effopd.demo import first_reaching
+from effopd.metrics import read_metrics
+from effopd.utils import median, write_json
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {  # label: (preset, extra overrides)
@@ -70,8 +71,7 @@ def analysis_job(run_dir: Path, with_eval: bool, eval_limit: int):
 def curve_of(run_dir: Path) -> tuple[dict[int, float], dict[int, float], list[float]]:
     """eval accuracy per step, cumulative training seconds at each step, seconds per step."""
     acc, wall, per_step, total = {}, {}, [], 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run_dir / "metrics.jsonl")[0]:
         if r["step"] > 0:
             total += r.get("time/step", 0.0)
             per_step.append(r.get("time/step", 0.0))
@@ -121,11 +121,6 @@ def scaling_of(analysis: dict) -> list[dict] | None:
             for r in ev["scaling"]]
 
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -152,15 +147,15 @@ def main() -> None:
             d = runs[(v, s)]
             acc, wall, per_step = curve_of(d)
             row = {"seed": s, "curve": acc, "wall": {k: wall[k] for k in acc}, "final": acc[max(acc)],
-                   "sec_per_step_median": statistics.median(per_step)}
+                   "sec_per_step_median": median(per_step)}
             row["weights"] = weight_properties(json.loads((d / "analysis" / "analysis.json").read_text()))
             if (d / "analysis-eval" / "analysis.json").exists():
                 row["scaling"] = scaling_of(json.loads((d / "analysis-eval" / "analysis.json").read_text()))
             rows.append(row)
         results[v] = rows
-    out = HERE / "results" / "compare_methods.json"
-    out.write_text(json.dumps({"seeds": args.seeds, "variants": {v: VARIANTS[v] for v in args.variants},
-                               "teacher_accuracy": args.teacher_accuracy, "results": results}, indent=1) + "\n")
+    write_json(HERE / "results" / "compare_methods.json",
+               {"seeds": args.seeds, "variants": {v: VARIANTS[v] for v in args.variants},
+                "teacher_accuracy": args.teacher_accuracy, "results": results}, indent=1)
     print_summary(results, args.teacher_accuracy)
 
 
@@ -170,9 +165,9 @@ def print_summary(results: dict, teacher: float) -> None:
     print("| method | " + " | ".join(f"step {s}" for s in steps) + " | final (per seed) | s/step |")
     print("|---|" + "---|" * (len(steps) + 2))
     for v, rows in results.items():
-        cells = [f"{med([r['curve'].get(s) for r in rows]):.1%}" for s in steps]
+        cells = [f"{median([r['curve'].get(s) for r in rows]):.1%}" for s in steps]
         finals = ", ".join(f"{r['final']:.1%}" for r in rows)
-        print(f"| {v} | " + " | ".join(cells) + f" | {finals} | {med([r['sec_per_step_median'] for r in rows]):.2f} |")
+        print(f"| {v} | " + " | ".join(cells) + f" | {finals} | {median([r['sec_per_step_median'] for r in rows]):.2f} |")
     for frac in (0.8, 0.9):
         target = frac * teacher
         print(f"\n## Steps and training seconds to {frac:.0%} of the teacher ({target:.1%}), per seed\n")
@@ -186,16 +181,16 @@ def print_summary(results: dict, teacher: float) -> None:
                 w = r["weights"]
                 norms_at.append(w["total_norm"][w["steps"].index(h)] if h in w["steps"] else None)
             print(f"| {v} | {hit} | {[round(s) if s else None for s in secs]} | "
-                  f"{med(norms_at) and f'{med(norms_at):.3f}'} | {med([r['weights']['total_norm'][-1] for r in rows]):.3f} |")
+                  f"{median(norms_at) and f'{median(norms_at):.3f}'} | {median([r['weights']['total_norm'][-1] for r in rows]):.3f} |")
     print("\n## Weight-space properties (final checkpoint, median over seeds)\n")
     print("| method | modules holding 80% of ‖Δθ‖² | top-quarter share | eff. rank / width | overlap step 10→final (top-8) | u1 cos step 10 | median lock-in step |")
     print("|---|---|---|---|---|---|---|")
     for v, rows in results.items():
         w = [r["weights"] for r in rows]
-        print(f"| {v} | {med([x['modules_for_80pct_energy'] for x in w])} of {w[0]['modules']} | "
-              f"{med([x['top_quarter_energy_share'] for x in w]):.3f} | {med([x['effective_rank_frac'][-1] for x in w]):.3f} | "
-              f"{med([x['mean_overlap'][0] for x in w]):.3f} | {med([x['mean_u1_cos'][0] for x in w]):.3f} | "
-              f"{med([x['median_lock_in_step'] for x in w])} |")
+        print(f"| {v} | {median([x['modules_for_80pct_energy'] for x in w]):g} of {w[0]['modules']} | "
+              f"{median([x['top_quarter_energy_share'] for x in w]):.3f} | {median([x['effective_rank_frac'][-1] for x in w]):.3f} | "
+              f"{median([x['mean_overlap'][0] for x in w]):.3f} | {median([x['mean_u1_cos'][0] for x in w]):.3f} | "
+              f"{median([x['median_lock_in_step'] for x in w])} |")
     for v, rows in results.items():
         sc = rows[0].get("scaling")
         if sc:

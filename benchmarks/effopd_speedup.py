@@ -20,7 +20,6 @@ Results go to ``benchmarks/results/effopd_<name>.json``; a markdown summary is p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -28,8 +27,10 @@ from effopd.analysis import analyze
 from effopd.analysis.io import list_checkpoints
 from effopd.config import load_config
 from effopd.demo import first_reaching
+from effopd.metrics import read_metrics
 from effopd.models import resolve
 from effopd.train import train
+from effopd.utils import median, write_json
 
 HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.5, 0.8, 0.95)
@@ -38,8 +39,7 @@ FRACTIONS = (0.5, 0.8, 0.95)
 def curve_of(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     """eval accuracy per step, and cumulative wall seconds at the end of each step."""
     acc, wall, total = {}, {}, 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(run_dir / "metrics.jsonl")[0]:
         total += r.get("time/step", 0.0)
         wall[r["step"]] = total
         if "eval/accuracy" in r:
@@ -61,8 +61,8 @@ def regime(run_dir: Path, base: str, out: Path) -> dict:
     cos = [m["u1_cos"][early_i] for m in rec["alignment"]["per_module"].values() if m["u1_cos"][early_i] is not None]
     return {
         "early_step": steps[early_i], "final_step": steps[final_i],
-        "median_update_to_weight": statistics.median(rel), "median_effective_rank": statistics.median(er),
-        "median_effective_rank_frac": statistics.median(erf), "median_u1_cos_early_vs_final": statistics.median(cos),
+        "median_update_to_weight": median(rel), "median_effective_rank": median(er),
+        "median_effective_rank_frac": median(erf), "median_u1_cos_early_vs_final": median(cos),
     }
 
 
@@ -98,13 +98,7 @@ def main() -> None:
         per_seed.append(row)
 
     summary = {"name": args.name, "overrides": args.overrides, "effopd_overrides": args.effopd, "seeds": per_seed}
-    out = HERE / "results" / f"effopd_{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1) + "\n")
-
-    def med(xs):
-        xs = [x for x in xs if x is not None]
-        return statistics.median(xs) if xs else None
+    write_json(HERE / "results" / f"effopd_{args.name}.json", summary, indent=1)
 
     print(f"## {args.name}: {' '.join(args.overrides)} | EffOPD: {' '.join(args.effopd)}\n")
     print("| target (of plain final) | plain steps (per seed) | EffOPD steps (per seed) | step speedup (median) | wall speedup (median) |")
@@ -114,8 +108,8 @@ def main() -> None:
         es = [r["effopd"]["steps_to"][f] for r in per_seed]
         pw = [r["plain"]["wall_to"][f] for r in per_seed]
         ew = [r["effopd"]["wall_to"][f] for r in per_seed]
-        sp = med([p / e for p, e in zip(ps, es) if p and e])
-        wp = med([p / e for p, e in zip(pw, ew) if p and e])
+        sp = median([p / e for p, e in zip(ps, es) if p and e])
+        wp = median([p / e for p, e in zip(pw, ew) if p and e])
         print(f"| {f:.0%} | {ps} | {es} | {sp and f'{sp:.2f}x'} | {wp and f'{wp:.2f}x'} |")
     for kind in ("plain", "effopd"):
         finals = [r[kind]["final"] for r in per_seed]

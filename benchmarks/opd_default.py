@@ -11,15 +11,15 @@ problems, greedy) is the same for all.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
 
 from effopd.config import load_config
 from effopd.data import load_split
 from effopd.evaluate import evaluate_model
+from effopd.metrics import read_metrics
 from effopd.models import load_model, load_tokenizer
 from effopd.train import train
+from effopd.utils import median, write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,14 +29,13 @@ def run_seed(seed: int, overrides: list[str], root: Path) -> dict:
     run_dir = root / f"plain-seed{seed}"  # the same layout as effopd_speedup.py: its plain runs are reused
     if not (run_dir / "checkpoints" / f"step-{cfg.train.steps}").exists():
         train(cfg, run_dir, overwrite=True, progress=False)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = read_metrics(run_dir / "metrics.jsonl")
     wall = sum(r.get("time/step", 0.0) for r in rows)
     curve = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
     steps = [r for r in rows if "time/step" in r]
-    med = lambda k: statistics.median(r[k] for r in steps)  # noqa: E731
     return {
         "seed": seed, "wall_s": wall, "curve": curve,
-        "median_s": {k: med(f"time/{k}") for k in ("step", "rollout", "score", "update")},
+        "median_s": {k: median(r.get(f"time/{k}") for r in steps) for k in ("step", "rollout", "score", "update")},
         "final_reward": steps[-1]["train/reward"], "final_length": steps[-1]["train/response_length"],
     }
 
@@ -60,8 +59,7 @@ def main() -> None:
         reached = [s for s, a in sorted(r["curve"].items()) if a >= target]
         r["step_to_80pct_teacher"] = reached[0] if reached else None
     out = {"teacher_accuracy": teacher, "overrides": args.overrides, "runs": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out, indent=1)
 
     steps = sorted(results[0]["curve"])
     print(f"teacher greedy accuracy {teacher:.1%}; 80% of it = {target:.1%}\n")
@@ -69,7 +67,7 @@ def main() -> None:
     print("|---" * (len(results) + 2) + "|")
     for s in steps:
         accs = [r["curve"][s] for r in results]
-        print(f"| {s} | " + " | ".join(f"{a:.1%}" for a in accs) + f" | {statistics.median(accs):.1%} |")
+        print(f"| {s} | " + " | ".join(f"{a:.1%}" for a in accs) + f" | {median(accs):.1%} |")
     print("\nstep reaching 80% of teacher:", [r["step_to_80pct_teacher"] for r in results])
     for k in ("step", "rollout", "score", "update"):
         print(f"median seconds/{k}: " + ", ".join(f"{r['median_s'][k]:.3f}" for r in results))

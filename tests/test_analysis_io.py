@@ -188,8 +188,16 @@ def test_listing_a_runs_checkpoints(run, tmp_path):
         parse_checkpoint_args([f"final={root / 'step-2'}"])
     with pytest.raises(AnalysisError, match="cannot tell the training step"):
         parse_checkpoint_args([str(run["base"])])
-    (root / "step-10" / "COMPLETE").unlink()
-    with pytest.raises(AnalysisError, match=rf"{root / 'step-10'} is incomplete"):
+    (root / "step-10" / "COMPLETE").unlink()  # incomplete: left out of the folder's listing, with a warning
+    with pytest.warns(UserWarning, match=rf"incomplete checkpoint {root / 'step-10'}"):
+        assert list_checkpoints(root) == [(2, root / "step-2")]
+    # named explicitly, the same directory is taken as it is
+    assert parse_checkpoint_args([f"10={root / 'step-10'}"]) == [(10, root / "step-10")]
+    assert parse_checkpoint_args([str(root / "step-10")]) == [(10, root / "step-10")]
+    (root / "step-2" / "COMPLETE").unlink()
+    with pytest.warns(UserWarning), pytest.raises(AnalysisError, match="holds no complete step-N checkpoint"):
         list_checkpoints(root)
+    with pytest.raises(AnalysisError, match="does not exist"):
+        list_checkpoints(tmp_path / "nowhere")
     manifest = json.loads((run["ckpts"][0][1] / "COMPLETE").read_text())
     assert "model.safetensors" in manifest["files"]

@@ -88,3 +88,44 @@ def test_saved_model_dir_loads_with_from_pretrained(pair, tmp_path):
     sd = model.state_dict()
     for n in reread.names:
         assert torch.equal(sd[n], reread.get(n)), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_effopd_candidates_and_weight_scaling_are_one_formula(tmp_path, dtype):
+    """The controller's candidate θ_a + c·(θ_t − θ_a) and the analysis's scaled(θ_0, θ_t, c), on the
+    same saved tensors: bitwise equal, and for float32 bitwise the plain formula a + c·(b − a)."""
+    from safetensors.torch import save_file
+
+    from effopd.extrapolate import Extrapolator, Score
+
+    g = torch.Generator().manual_seed(3)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"]
+    shapes = [(24, 16), (16, 40), (16,)]
+    w0 = {n: torch.randn(s, generator=g).to(dtype) for n, s in zip(names, shapes)}
+    wt = {n: (w0[n].float() + 0.05 * torch.randn(s, generator=g)).to(dtype) for n, s in zip(names, shapes)}
+    for d, state in (("base", w0), ("ckpt", wt)):
+        (tmp_path / d).mkdir()
+        save_file(state, str(tmp_path / d / "model.safetensors"))
+
+    params = {n: t.clone() for n, t in wt.items()}
+    ex = Extrapolator(params, schedule="paper", max_tries=4)
+    for n in ex.anchor:
+        ex.anchor[n].copy_(w0[n])
+    seen = []
+
+    def score():
+        seen.append({n: p.clone() for n, p in params.items()})
+        return Score(float(len(seen)))  # every candidate improves: all of them are tried
+
+    rec = ex.search(1, score)
+    assert rec.candidates == [3.0, 5.0, 7.0, 9.0]
+    for c, state in zip(rec.candidates, seen[1:]):
+        built = weights.scaled(tmp_path / "base", tmp_path / "ckpt", c)
+        for n in names:
+            assert state[n].dtype == built[n].dtype == dtype
+            assert torch.equal(state[n], built[n]), (n, c)
+            if dtype == torch.float32:
+                assert torch.equal(state[n], w0[n] + c * (wt[n] - w0[n])), (n, c)
+            else:
+                exact = w0[n].double() + c * (wt[n].double() - w0[n].double())
+                torch.testing.assert_close(state[n].double(), exact, rtol=2**-8, atol=1e-6)

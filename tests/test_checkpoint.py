@@ -61,3 +61,28 @@ def test_resaving_a_step_replaces_it(tmp_path):
     _fake_checkpoint(tmp_path, 2)
     path = _fake_checkpoint(tmp_path, 2)
     assert ckpt.is_complete(path) and not (tmp_path / ".old-step-2").exists()
+
+
+def test_resume_and_analysis_list_the_same_checkpoints(tmp_path):
+    """One complete and one incomplete step-N checkpoint: resume (checkpoint.complete_checkpoints)
+    and the analysis (analysis.io.list_checkpoints) both see the complete one only."""
+    from effopd.analysis.io import list_checkpoints
+
+    complete = _fake_checkpoint(tmp_path, 4)
+    incomplete = _fake_checkpoint(tmp_path, 8)
+    (incomplete / ckpt.STATE_FILE).unlink()  # listed in the manifest, gone from disk
+    with pytest.warns(UserWarning, match="step-8"):
+        resume_view = ckpt.complete_checkpoints(tmp_path)
+    with pytest.warns(UserWarning, match="step-8"):
+        analysis_view = list_checkpoints(tmp_path)
+    assert resume_view == [complete]
+    assert analysis_view == [(4, complete)]
+    with pytest.warns(UserWarning, match="step-8"):
+        assert ckpt.step_checkpoints(tmp_path) == analysis_view
+
+
+def test_manifest_is_written_atomically_next_to_nothing_else(tmp_path):
+    path = _fake_checkpoint(tmp_path, 1)
+    names = sorted(p.name for p in path.iterdir())
+    assert names == sorted(json.loads((path / ckpt.COMPLETE).read_text())["files"] + [ckpt.COMPLETE])
+    assert not [p for p in path.iterdir() if p.name.startswith(".")]  # no temporary file left behind

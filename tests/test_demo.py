@@ -7,7 +7,7 @@ import json
 import pytest
 
 from effopd import cli
-from effopd.demo import METHODS, QUICK
+from effopd.demo import DEMO_RUNS, QUICK
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_quick_demo_writes_every_run_and_one_report(tmp_path, capsys):
     record = json.loads((run_dir / "demo.json").read_text())
     assert record["budget"]["steps"] == QUICK.steps
     assert record["accuracy"]["teacher"] > 0.9 and record["accuracy"]["student"] < 0.6  # the shipped pair
-    for name, label in METHODS:
+    for name, label in DEMO_RUNS:
         run = run_dir / name
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(QUICK.steps + 1))
@@ -34,13 +34,13 @@ def test_quick_demo_writes_every_run_and_one_report(tmp_path, capsys):
     # the same budget for all three: steps, sequences per step, learning rate
     from effopd.config import load_config
 
-    cfgs = [load_config([run_dir / name / "config.yaml"]) for name, _ in METHODS]
+    cfgs = [load_config([run_dir / name / "config.yaml"]) for name, _ in DEMO_RUNS]
     assert len({(c.train.steps, c.rollout.batch_size * c.rollout.n, c.optim.lr) for c in cfgs}) == 1
     assert [c.loss.method for c in cfgs] == ["opd", "opd", "grpo"] and cfgs[1].extrapolate.enabled
     effopd_rows = [json.loads(x) for x in (run_dir / "opd-effopd" / "metrics.jsonl").read_text().splitlines()]
     assert any("extrapolate/s0" in r for r in effopd_rows)
     html = (run_dir / "report.html").read_text()
-    for _, label in METHODS:
+    for _, label in DEMO_RUNS:
         assert label in html
     assert "<img" in html or "<svg" in html
 

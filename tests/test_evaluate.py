@@ -78,3 +78,24 @@ def test_summarize_rejects_bad_shapes(correct, lengths, match):
 def test_summarize_rejects_bad_k():
     with pytest.raises(ValueError, match="k in ks must be >= 1"):
         summarize([[True]], ks=(0,))
+
+
+def test_make_eval_fn_reads_the_prompts_once_and_evaluates_each_model_dir(tmp_path, tiny_models, monkeypatch):
+    import json
+
+    from effopd import cli, evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": i + 1}) + "\n" for i in range(3)))
+    eval_fn = evaluate.make_eval_fn(str(data), 2, max_new_tokens=4)
+    real = eval_fn(tiny_models["student"])  # a real greedy evaluation of the tiny model
+    assert set(real) >= {"accuracy", "avg@1", "pass@1", "mean_length"} and real["accuracy"] in (0.0, 0.5, 1.0)
+    assert 1 <= real["mean_length"] <= 4
+
+    calls = []
+    monkeypatch.setattr(evaluate, "evaluate_model",
+                        lambda model, tok, examples, **kw: calls.append(([e.prompt for e in examples], kw)) or {"accuracy": 1.0})
+    data.unlink()  # the prompts were read when the function was made
+    assert eval_fn(tiny_models["teacher"]) == {"accuracy": 1.0}
+    assert calls == [(["0+1=", "1+1="], {"max_new_tokens": 4})]
+    assert cli.make_eval_fn is evaluate.make_eval_fn  # `effopd analyze` builds its eval_fn with the same function

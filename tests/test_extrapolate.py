@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from effopd.extrapolate import Extrapolator, Score, pow2_steps
+from effopd.extrapolate import SCHEDULES, Extrapolator, Score, SearchRecord, extrapolated, pow2_steps
 
 
 def _params(seed=0):
@@ -137,3 +137,63 @@ def test_state_dict_round_trip():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Extrapolator(_params(), **kwargs)
+
+
+def test_bad_schedule_message_lists_the_schedules():
+    with pytest.raises(ValueError, match="choose one of paper, adaptive"):
+        Extrapolator(_params(), schedule="linear")
+    for name in SCHEDULES:
+        assert Extrapolator(_params(), schedule=name).candidates()  # every listed schedule is accepted
+
+
+@pytest.mark.parametrize("c", [3.0, 5.0, 11.0, 1.5, 1.125, 0.3, 65.0, -2.0])
+def test_extrapolated_is_bitwise_the_float32_formula(c):
+    g = torch.Generator().manual_seed(int(abs(c) * 1000))
+    a, b = torch.randn(257, 33, generator=g), torch.randn(257, 33, generator=g) * 3
+    a0, b0 = a.clone(), b.clone()
+    out = extrapolated(a, b, c)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, a0 + c * (b0 - a0))
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # the inputs are left as they were
+
+
+def test_extrapolated_limits_and_dtypes():
+    a = torch.randn(64, dtype=torch.float64).to(torch.bfloat16)
+    b = torch.randn(64, dtype=torch.float64).to(torch.bfloat16)
+    assert extrapolated(a, b, 1.0) is b
+    assert torch.equal(extrapolated(a, b, 0.0), a)
+    assert extrapolated(a.float(), b, 0.0).dtype == torch.bfloat16  # cast to the current tensor's dtype
+    out = extrapolated(a, b, 3.0)
+    exact = a.double() + 3.0 * (b.double() - a.double())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-6)  # one bf16 rounding of the fp32 result
+    assert torch.equal(out, (a.float() + 3.0 * (b.float() - a.float())).to(torch.bfloat16))
+
+
+def test_search_record_metrics_are_the_logged_keys():
+    params = _params()
+    norm = sum(float(p.pow(2).sum()) for p in params.values()) ** 0.5
+    ex = Extrapolator(params, schedule="paper", max_tries=3)
+    for n in ex.anchor:
+        ex.anchor[n].zero_()  # the update is θ itself
+    scores = iter([Score(0.25, 0.01), Score(0.5, 0.02), Score(0.375, 0.02)])  # accept c=3, stop at c=5
+    rec = ex.search(4, lambda: next(scores))
+    m = rec.metrics()
+    assert m.pop("extrapolate/update_norm") == pytest.approx(norm)
+    assert 0 <= m.pop("extrapolate/seconds") <= ex.total_seconds
+    assert m == {
+        "extrapolate/s0": 0.25, "extrapolate/best": 0.5, "extrapolate/accepted_c": 3.0,
+        "extrapolate/candidates": [3.0, 5.0], "extrapolate/scores": [0.5, 0.375], "extrapolate/noise": 0.01,
+    }
+    plain = SearchRecord(step=1, s0=0.0, noise=0.0).metrics()
+    assert plain["extrapolate/accepted_c"] == 1.0 and plain["extrapolate/candidates"] == []
+
+
+def test_search_records_no_autograd_history():
+    params = {"w": torch.ones(3, requires_grad=True)}
+    ex = Extrapolator(params, schedule="paper", max_tries=1)
+    ex.anchor["w"].zero_()
+    scores = iter([0.0, 1.0])  # accept c=3
+    ex.search(1, lambda: Score(next(scores)))
+    assert torch.equal(params["w"].detach(), torch.full((3,), 3.0))
+    assert params["w"].grad_fn is None and params["w"].requires_grad  # changed in place, outside autograd

@@ -3,7 +3,8 @@
 import pytest
 import transformers as tf
 
-from effopd.module_groups import DEFAULT_TYPES, TYPES, Group, UnknownParameterError, groups, module_group, select
+from effopd.module_groups import (ATTENTION_TYPES, DEFAULT_TYPE_ORDER, DEFAULT_TYPES, MLP_TYPES, TYPES, Group,
+                                  UnknownParameterError, groups, module_group, select)
 
 DECODER = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1)
@@ -76,3 +77,12 @@ def test_select():
     with pytest.raises(ValueError, match="mlp"):
         select(names, ["mlp"])
     assert Group(3, "q").label == "3.q" and Group(None, "embed").label == "embed"
+
+
+def test_default_selection_order_matches_the_set():
+    assert DEFAULT_TYPE_ORDER == ("q", "k", "v", "o", "qkv", "gate", "up", "down")
+    assert len(set(DEFAULT_TYPE_ORDER)) == len(DEFAULT_TYPE_ORDER)
+    assert frozenset(DEFAULT_TYPE_ORDER) == DEFAULT_TYPES == ATTENTION_TYPES | MLP_TYPES
+    assert set(DEFAULT_TYPE_ORDER) <= set(TYPES)
+    names = [f"model.layers.0.{m}.weight" for m in ("self_attn.q_proj", "mlp.up_proj", "input_layernorm")]
+    assert select(names, DEFAULT_TYPE_ORDER) == select(names) == names[:2]

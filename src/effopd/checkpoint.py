@@ -4,8 +4,11 @@
 state (optimizer, scheduler, data order, step, controller state) and one RNG file per process.
 It is written under a temporary name, completed by a ``COMPLETE`` manifest written last, and
 only then renamed into place, so a crash at any moment leaves either the previous checkpoint or
-the new one, never a half-written ``step-N``. A directory without the manifest is reported and
-ignored.
+the new one, never a half-written ``step-N``.
+
+:func:`step_checkpoints` is the one rule for reading a ``checkpoints/`` folder, used by resume
+and by the analysis alike: it lists the complete ``step-N`` directories only; one without a
+valid manifest is reported (a warning) and ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from effopd.errors import UserError
+from effopd.utils import fsync_dir, write_json
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
@@ -45,14 +49,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tmp_dir(ckpt_root: Path, step: int) -> Path:
@@ -81,10 +77,7 @@ def finish(ckpt_root: Path, step: int, world_size: int, keep_last: int | None = 
     if missing:
         raise CheckpointError(f"checkpoint {tmp} is missing {missing}; it was not completed and the previous one is kept")
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    with open(tmp / COMPLETE, "w") as f:
-        json.dump({"step": step, "world_size": world_size, "files": files}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(tmp / COMPLETE, {"step": step, "world_size": world_size, "files": files}, indent=None)
     final = Path(ckpt_root) / f"step-{step}"
     if final.exists():  # re-saving a step after resume: move the old one aside first
         old = Path(ckpt_root) / f".old-step-{step}"
@@ -94,7 +87,7 @@ def finish(ckpt_root: Path, step: int, world_size: int, keep_last: int | None = 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(Path(ckpt_root))
+    fsync_dir(Path(ckpt_root))
     if keep_last:
         for stale in complete_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(stale)
@@ -112,10 +105,16 @@ def is_complete(path: Path) -> bool:
     return all((Path(path) / f).exists() for f in files)
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete ``step-N`` directories in step order; incomplete ones are reported and ignored."""
+def step_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """``[(N, path)]`` of the complete ``step-N`` directories under ``ckpt_root``, sorted by N
+    (empty when the folder does not exist).
+
+    Temporary (``.tmp-step-N``) and superseded (``.old-step-N``) folders are not checkpoints and
+    are skipped silently; a ``step-N`` directory without a valid ``COMPLETE`` manifest (a save
+    that never finished, a copy made by hand, a file deleted afterwards) is reported with a
+    warning and left out."""
     root = Path(ckpt_root)
-    if not root.exists():
+    if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
@@ -125,8 +124,15 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
         if is_complete(p):
             found.append((int(m.group(1)), p))
         else:
-            warnings.warn(f"ignoring incomplete checkpoint {p} (no valid {COMPLETE} manifest)", stacklevel=2)
-    return [p for _, p in sorted(found)]
+            warnings.warn(f"ignoring incomplete checkpoint {p}: it has no valid {COMPLETE} manifest (a save that did "
+                          f"not finish, or a file removed afterwards); delete it, or pass it explicitly as STEP=PATH "
+                          "to analyse it anyway", stacklevel=2)
+    return sorted(found)
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The paths of :func:`step_checkpoints`, in step order."""
+    return [p for _, p in step_checkpoints(ckpt_root)]
 
 
 def latest(ckpt_root: Path) -> Path | None:

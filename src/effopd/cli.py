@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from effopd.evaluate import make_eval_fn
+
 EXAMPLES = """examples:
   effopd demo --quick                           # OPD vs OPD+EffOPD vs GRPO on the embedded task, one report
   effopd train --run-dir runs/opd optim.lr=3e-5 train.steps=200
@@ -109,22 +111,6 @@ def _add_analyze(sub) -> None:
     p.add_argument("--rank", type=int, default=8, help="r of the top-r subspaces compared over training")
     p.add_argument("--exact-svd", action="store_true", help="exact SVD for every matrix (default: exact only when small)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
-
-
-def make_eval_fn(data: str, limit: int | None, max_new_tokens: int):
-    """``model_dir -> metrics``: greedy accuracy of a model directory on a prompt set."""
-    from effopd.config import DataConfig
-    from effopd.data import load_split
-    from effopd.evaluate import evaluate_model
-    from effopd.models import load_model, load_tokenizer
-
-    examples = load_split(data, DataConfig(eval_limit=limit), "eval")
-
-    def eval_fn(model_dir) -> dict:
-        model_dir = str(model_dir)
-        return evaluate_model(load_model(model_dir, "student"), load_tokenizer(model_dir), examples, max_new_tokens=max_new_tokens)
-
-    return eval_fn
 
 
 def cmd_analyze(args) -> int:

@@ -17,14 +17,22 @@ models) to about 2.5 minutes on 2 CPU cores; the full demo takes about 8.5.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-METHODS = (("opd", "OPD"), ("opd-effopd", "OPD + EffOPD"), ("grpo", "GRPO"))
+from effopd.errors import UserError
+from effopd.metrics import read_metrics
+from effopd.utils import write_json
+
+#: The demo's runs, in report order: (preset name, display label). Not loss methods (config.METHODS).
+DEMO_RUNS = (("opd", "OPD"), ("opd-effopd", "OPD + EffOPD"), ("grpo", "GRPO"))
+
+
+class DemoError(UserError, ValueError):
+    """A demo run left nothing to summarise (e.g. evaluation switched off by an override)."""
 
 
 @dataclass
@@ -70,12 +78,16 @@ def first_reaching(curve: dict[int, float], target: float) -> int | None:
 
 def run_summary(run_dir: Path) -> dict:
     """Accuracy curve, training seconds (evaluation excluded) and final accuracy of one run."""
+    path = run_dir / "metrics.jsonl"
+    rows, _ = read_metrics(path)
     curve, seconds = {}, 0.0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in rows:
         seconds += r.get("time/step", 0.0)
         if "eval/accuracy" in r:
             curve[r["step"]] = r["eval/accuracy"]
+    if not curve:
+        raise DemoError(f"{path} holds no eval/accuracy entry, so the run has no accuracy to summarise; "
+                        "keep evaluation on in the demo's overrides (train.eval_every > 0)")
     return {"curve": curve, "seconds": seconds, "final": curve[max(curve)]}
 
 
@@ -83,10 +95,9 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
              models_dir: Path | None = None, overrides: list[str] = (), progress: bool = True) -> dict:
     from effopd.analysis import analyze
     from effopd.analysis.io import list_checkpoints
-    from effopd.cli import make_eval_fn
     from effopd.config import load_config, preset_path
     from effopd.data import load_split
-    from effopd.evaluate import evaluate_model
+    from effopd.evaluate import evaluate_model, make_eval_fn
     from effopd.models import load_model, load_tokenizer
     from effopd.report.build import build_report
     from effopd.train import RunDirError, train
@@ -97,10 +108,10 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     if analysis_eval_limit:
         budget = replace(budget, analysis_eval_limit=analysis_eval_limit)
     # Every config is built (and so checked) before anything runs.
-    configs = {name: load_config([preset_path(name)], budget.overrides() + list(overrides)) for name, _ in METHODS}
-    if (run_dir / "report.html").exists() or any((run_dir / name).exists() for name, _ in METHODS):
+    configs = {name: load_config([preset_path(name)], budget.overrides() + list(overrides)) for name, _ in DEMO_RUNS}
+    if (run_dir / "report.html").exists() or any((run_dir / name).exists() for name, _ in DEMO_RUNS):
         raise RunDirError(f"{run_dir} already holds a demo; pass another --run-dir (or delete it)")
-    stages = tqdm(total=4 + len(METHODS), desc="demo", unit="stage", disable=not progress, position=0)
+    stages = tqdm(total=4 + len(DEMO_RUNS), desc="demo", unit="stage", disable=not progress, position=0)
     t_start = time.time()
 
     marks: list[tuple[str, float]] = []  # (stage, start time); stages.n stays 0 when the bar is disabled
@@ -127,7 +138,7 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     tqdm.write(f"greedy accuracy: teacher {acc['teacher']:.1%}, student {acc['student']:.1%}")
     stages.update()
 
-    for name, label in METHODS:
+    for name, label in DEMO_RUNS:
         stage(f"training {label} for {budget.steps} steps -> {run_dir / name}")
         train(configs[name], run_dir / name, progress=progress)
         stages.update()
@@ -137,32 +148,32 @@ def run_demo(run_dir: Path, *, quick: bool = False, steps: int | None = None, an
     scaling = {"scale_checkpoints": budget.scale_checkpoints}
     if budget.scale_alphas:
         scaling["alphas"] = budget.scale_alphas
-    for name, _ in METHODS:
+    for name, _ in DEMO_RUNS:
         analyze(student, list_checkpoints(run_dir / name / "checkpoints"), run_dir / name / "analysis",
                 eval_fn=eval_fn, progress=progress, **scaling)
     stages.update()
 
     stage("writing the report")
-    report = build_report([run_dir / name for name, _ in METHODS], run_dir / "report.html",
-                          labels=[label for _, label in METHODS])
+    report = build_report([run_dir / name for name, _ in DEMO_RUNS], run_dir / "report.html",
+                          labels=[label for _, label in DEMO_RUNS])
     stages.update()
     stages.close()
 
-    summaries = {name: run_summary(run_dir / name) for name, _ in METHODS}
+    summaries = {name: run_summary(run_dir / name) for name, _ in DEMO_RUNS}
     target = 0.8 * acc["teacher"]
     lines = [f"\n{'method':<14} {'final acc':>9} {'steps to ' + format(target, '.1%'):>16} {'train s':>8}",
              f"{'student (init)':<14} {acc['student']:>9.1%}"]
-    for name, label in METHODS:
+    for name, label in DEMO_RUNS:
         s = summaries[name]
         hit = first_reaching(s["curve"], target)
         lines.append(f"{label:<14} {s['final']:>9.1%} {str(hit) if hit is not None else 'not reached':>16} {s['seconds']:>8.0f}")
     lines.append(f"{'teacher':<14} {acc['teacher']:>9.1%}")
     print("\n".join(lines))
-    print(f"\nreport: {report}\nruns: {', '.join(str(run_dir / n) for n, _ in METHODS)} "
+    print(f"\nreport: {report}\nruns: {', '.join(str(run_dir / n) for n, _ in DEMO_RUNS)} "
           f"(config.yaml, metrics.jsonl, eval/, checkpoints/, analysis/)\ntotal {time.time() - t_start:.0f} s")
     ends = [t for _, t in marks[1:]] + [time.time()]
     record = {"budget": asdict(budget), "accuracy": acc, "runs": summaries, "report": str(report),
               "stage_seconds": [[text, end - start] for (text, start), end in zip(marks, ends)],
               "seconds": time.time() - t_start}
-    (run_dir / "demo.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(run_dir / "demo.json", record, indent=1)
     return record

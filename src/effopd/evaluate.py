@@ -1,4 +1,4 @@
-"""Evaluation: accuracy metrics over sampled responses, and (later) running a model on a prompt set.
+"""Evaluation: accuracy metrics over sampled responses, and running a model on a prompt set.
 
 Metrics (DESIGN.md, "Evaluation and rewards"), for m problems with n samples each, c_i correct:
 
@@ -126,3 +126,20 @@ def evaluate_model(
     metrics = summarize(grouped, [lengths[i * n : (i + 1) * n] for i in range(len(examples))], ks=tuple(k for k in ks if k <= n))
     metrics["accuracy"] = sum(correct) / len(correct)
     return metrics
+
+
+def make_eval_fn(data: str, limit: int | None, max_new_tokens: int):
+    """``model_dir -> metrics``: greedy accuracy of a model directory on a prompt set (``data``:
+    a file, a ``datasets`` directory or ``embedded``; at most ``limit`` prompts). The prompt set is
+    read once, here; this is the ``eval_fn`` the analyses take (:mod:`effopd.analysis.evals`)."""
+    from effopd.config import DataConfig
+    from effopd.data import load_split
+    from effopd.models import load_model, load_tokenizer
+
+    examples = load_split(data, DataConfig(eval_limit=limit), "eval")
+
+    def eval_fn(model_dir) -> dict:
+        model_dir = str(model_dir)
+        return evaluate_model(load_model(model_dir, "student"), load_tokenizer(model_dir), examples, max_new_tokens=max_new_tokens)
+
+    return eval_fn

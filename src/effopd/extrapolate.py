@@ -34,6 +34,25 @@ from typing import Callable
 
 import torch
 
+#: The candidate schedules (see the module docstring); the first is the default.
+SCHEDULES = ("paper", "adaptive")
+
+
+def extrapolated(anchor: torch.Tensor, current: torch.Tensor, c: float) -> torch.Tensor:
+    """anchor + c·(current − anchor), elementwise, computed in float32 and cast to ``current``'s
+    dtype: the one formula behind EffOPD's candidates and the analysis's weight scaling.
+
+    ``c = 1`` returns ``current`` itself and ``c = 0`` ``anchor`` (cast to ``current``'s dtype),
+    so both limits are exact. For float32 tensors the result is bitwise ``a + c * (b - a)``: the
+    same IEEE subtraction, multiplication and addition, here done in place on the fresh
+    difference to save two full-size temporaries. Both tensors must be on one device."""
+    if c == 1:
+        return current
+    if c == 0:
+        return anchor.to(current.dtype)
+    a = anchor.float()
+    return (current.float() - a).mul_(c).add_(a).to(current.dtype)
+
 
 @dataclass
 class Score:
@@ -56,6 +75,15 @@ class SearchRecord:
     update_norm: float = 0.0
     """‖θ_t − θ_anchor‖ over the selected parameters (local shard)."""
 
+    def metrics(self) -> dict:
+        """The search as ``extrapolate/*`` entries of metrics.jsonl (the trainer adds
+        ``extrapolate/total_seconds``, the controller's running total)."""
+        return {
+            "extrapolate/s0": self.s0, "extrapolate/best": self.best, "extrapolate/accepted_c": self.accepted_c,
+            "extrapolate/candidates": self.candidates, "extrapolate/scores": self.scores, "extrapolate/noise": self.noise,
+            "extrapolate/update_norm": self.update_norm, "extrapolate/seconds": self.seconds,
+        }
+
 
 def pow2_steps(step: int) -> bool:
     return step > 0 and step & (step - 1) == 0
@@ -68,7 +96,7 @@ class Extrapolator:
         self,
         params: dict[str, torch.Tensor],
         *,
-        schedule: str = "paper",
+        schedule: str = SCHEDULES[0],
         max_tries: int = 5,
         margin: float = 0.0,
         trigger_steps: list[int] | None = None,
@@ -78,8 +106,8 @@ class Extrapolator:
         max_gain: float = 64.0,
         storage: str | torch.device = "cpu",
     ):
-        if schedule not in ("paper", "adaptive"):
-            raise ValueError(f"extrapolate.schedule={schedule!r}: choose `paper` or `adaptive`")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"extrapolate.schedule={schedule!r} is not a schedule: choose one of {', '.join(SCHEDULES)}")
         if max_tries < 1:
             raise ValueError(f"extrapolate.max_tries={max_tries} must be >= 1")
         if margin < 0:
@@ -123,13 +151,9 @@ class Extrapolator:
 
     @torch.no_grad()
     def _set(self, backup: dict[str, torch.Tensor], c: float) -> None:
-        """params <- anchor + c·(backup − anchor), elementwise per tensor; c = 1 copies backup."""
+        """params <- :func:`extrapolated` (anchor, backup, c), per tensor; c = 1 copies backup."""
         for n, p in self.params.items():
-            if c == 1.0:
-                p.copy_(backup[n])
-            else:
-                a = self.anchor[n]
-                p.copy_((a + c * (backup[n] - a)).to(p.device, p.dtype))
+            p.copy_(extrapolated(self.anchor[n], backup[n], c))
 
     @torch.no_grad()
     def search(self, step: int, score: Callable[[], Score]) -> SearchRecord:

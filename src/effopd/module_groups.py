@@ -36,8 +36,11 @@ from effopd.errors import UserError
 TYPES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other")
 ATTENTION_TYPES = frozenset({"q", "k", "v", "qkv", "o"})
 MLP_TYPES = frozenset({"gate", "up", "down"})
-#: The EffOPD default selection: attention and MLP weights.
-DEFAULT_TYPES = ATTENTION_TYPES | MLP_TYPES
+#: The EffOPD default selection, attention and MLP weights, in the order configs list it
+#: (``extrapolate.modules``).
+DEFAULT_TYPE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down")
+#: The same selection as a set, for membership tests.
+DEFAULT_TYPES = frozenset(DEFAULT_TYPE_ORDER)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 # Leaf module name -> type, for leaves whose meaning does not depend on the parent module.

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from effopd.analysis import spectral
 from effopd.analysis.io import AnalysisError, CheckpointReader, common_names
 from effopd.module_groups import DEFAULT_TYPES, TYPES, Group, UnknownParameterError, groups, select
+from effopd.utils import median
 
 QUANTILES = {"q01": 0.01, "q05": 0.05, "q25": 0.25, "median": 0.5}
 #: Elements per block of rows for streamed tensors and row cosines (4 MB in float32: small
@@ -303,13 +304,5 @@ def _alignment_summary(alignment: dict, steps: Sequence[int]) -> dict:
         "mean_u1_cos": [_mean([a["u1_cos"][i] for a in alignment.values()]) for i in range(n)],
         "locked_share": [sum(1 for s in locks if s is not None and s <= step) / len(locks) if locks else None
                          for step in steps],
-        "median_lock_in_step": _median([s for s in locks if s is not None]),
+        "median_lock_in_step": median(locks),
     }
-
-
-def _median(xs: list[int]) -> float | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    mid = len(xs) // 2
-    return float(xs[mid]) if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2

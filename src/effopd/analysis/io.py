@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from effopd.checkpoint import COMPLETE, CheckpointError, is_complete
+from effopd.checkpoint import COMPLETE, CheckpointError, step_checkpoints
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 LM_HEAD = "lm_head.weight"
-_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TRAILING_INT_RE = re.compile(r"(\d+)$")
 # safetensors dtype codes; the float8 and unsigned types only where this torch has them
 _DTYPES = {code: getattr(torch, name) for code, name in (
@@ -210,28 +209,20 @@ def common_names(base: CheckpointReader, ckpt: CheckpointReader) -> list[str]:
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """The ``step-N`` checkpoints under a run's ``checkpoints/`` folder, sorted by N.
+    """The complete ``step-N`` checkpoints under a run's ``checkpoints/`` folder, sorted by N.
 
-    Temporary (``.tmp-step-N``) and superseded (``.old-step-N``) folders are not checkpoints
-    and are ignored; a ``step-N`` folder without a valid ``COMPLETE`` manifest is an error (it
-    was not written by a finished save, or was damaged afterwards)."""
+    The same rule as resume (:func:`effopd.checkpoint.step_checkpoints`): temporary and
+    superseded folders are skipped, and a ``step-N`` folder without a valid ``COMPLETE``
+    manifest is left out with a warning. A folder with no complete checkpoint is an error."""
     root = Path(root)
     if not root.is_dir():
-        raise AnalysisError(f"checkpoint folder {root} does not exist")
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR_RE.match(p.name)
-        if not m or not p.is_dir():
-            continue
-        if not is_complete(p):
-            raise AnalysisError(
-                f"checkpoint {p} is incomplete (no valid {COMPLETE} manifest); delete it, or pass the "
-                f"complete checkpoints explicitly as STEP=PATH"
-            )
-        found.append((int(m.group(1)), p))
+        raise AnalysisError(f"checkpoint folder {root} does not exist; pass a run's checkpoints/ folder, "
+                            "model directories, or STEP=PATH pairs")
+    found = step_checkpoints(root)
     if not found:
-        raise AnalysisError(f"{root} holds no step-N checkpoint folders; pass checkpoints as STEP=PATH")
-    return sorted(found)
+        raise AnalysisError(f"{root} holds no complete step-N checkpoint (a step-N folder with a valid {COMPLETE} "
+                            "manifest); pass model directories as STEP=PATH instead")
+    return found
 
 
 def _is_model_dir(p: Path) -> bool:
@@ -243,7 +234,8 @@ def parse_checkpoint_args(args: Sequence[str]) -> list[tuple[int, Path]]:
 
     Each argument is ``STEP=PATH`` (an explicit integer step label), a model directory whose name
     ends in its step (``step-100``, ``checkpoint-100``, ``global_step_100``), or a folder of
-    ``step-N`` checkpoints (a run's ``checkpoints/``), expanded by :func:`list_checkpoints`."""
+    ``step-N`` checkpoints (a run's ``checkpoints/``), expanded by :func:`list_checkpoints` into its
+    complete checkpoints. An explicitly named directory is taken as it is, manifest or not."""
     out: list[tuple[int, Path]] = []
     for arg in args:
         label, sep, rest = arg.partition("=")

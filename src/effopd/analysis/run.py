@@ -4,9 +4,10 @@ Analyses 1, 4, 6, 8, 9 (:mod:`.dynamics`) always run; 2, 3, 5, 7 (:mod:`.evals`)
 ``eval_fn`` is given, and the JSON says so when they did not. The HTML report reads only the two
 files written here.
 
-``OUT/analysis.json`` (schema ``"effopd.analysis/1"``). Lists marked [ckpt] have one entry per
-checkpoint, in the order of ``steps``; the last checkpoint is "final" (T). Missing values
-(e.g. a metric of a zero update) are ``null``::
+``OUT/analysis.json`` (schema ``"effopd.analysis/1"``: :data:`effopd.report.load.SCHEMA`, which
+also names the two files, torch-free). Lists marked [ckpt] have one entry per checkpoint, in the
+order of ``steps``; the last checkpoint is "final" (T). Missing values (e.g. a metric of a zero
+update) are ``null``::
 
     schema, base (path), checkpoints [{step, path}], steps [int]
     settings {rank, exact_svd (true|false|null=auto), exact_max_dim, oversample, niter, fracs,
@@ -52,22 +53,21 @@ checkpoint, in the order of ``steps``; the last checkpoint is "final" (T). Missi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from effopd.analysis import evals, spectral
 from effopd.analysis.dynamics import compute_dynamics
 from effopd.analysis.io import AnalysisError, CheckpointReader
 from effopd.module_groups import DEFAULT_TYPES, TYPES
-from effopd.utils import write_json
+from effopd.report.load import ANALYSIS_JSON as JSON_FILE
+from effopd.report.load import ANALYSIS_TENSORS as TENSORS_FILE
+from effopd.report.load import SCHEMA
+from effopd.utils import atomic_write_bytes, write_json
 
-SCHEMA = "effopd.analysis/1"
-JSON_FILE = "analysis.json"
-TENSORS_FILE = "tensors.safetensors"
 DEFAULT_ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0)
 DEFAULT_FRACS = (0.01, 0.05, 0.1)
 
@@ -194,9 +194,7 @@ def _run_evals(eval_fn, base, ckpts, early, magnitude, types, windows, alphas, f
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.float().contiguous() for k, v in tensors.items()}))
 
 
 def _jsonable(x):

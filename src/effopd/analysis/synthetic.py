@@ -15,7 +15,6 @@ The update is low-rank and its subspace is fixed from the first checkpoint on: e
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from effopd.analysis.io import CheckpointReader
 from effopd.checkpoint import COMPLETE
 from effopd.module_groups import DEFAULT_TYPES, module_group
+from effopd.utils import write_json
 
 
 def write_base(config, out_dir: str | Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
@@ -84,6 +84,6 @@ def write_run(base_dir: str | Path, ckpt_root: str | Path, steps: Sequence[int],
             if f.name != "model.safetensors.index.json":
                 (d / f.name).write_bytes(f.read_bytes())
         files = sorted(p.name for p in d.iterdir() if p.is_file() and p.name != COMPLETE)
-        (d / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+        write_json(d / COMPLETE, {"step": step, "world_size": 1, "files": files}, indent=None)
         out.append((step, d))
     return out

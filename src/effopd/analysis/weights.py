@@ -4,8 +4,9 @@ Each builder streams the two checkpoints tensor by tensor and returns one state 
 in memory) with the checkpoint's tensor names and dtypes; :func:`save_model_dir` writes it as a
 ``from_pretrained``-loadable directory.
 
-- :func:`scaled` — θ_0 + α(θ_t − θ_0) (DESIGN.md §7). α = 0 returns the base tensors and α = 1
-  the checkpoint tensors themselves, so both limits are bitwise exact.
+- :func:`scaled` — θ_0 + α(θ_t − θ_0) (DESIGN.md §7), with EffOPD's own formula
+  (:func:`effopd.extrapolate.extrapolated`). α = 0 returns the base tensors and α = 1 the
+  checkpoint tensors themselves, so both limits are bitwise exact.
 - :func:`partial` — the update of the selected tensors only: ``"apply"`` puts it on the base,
   ``"remove"`` takes it out of the checkpoint (§3). Selected tensors are copied whole from the
   other side, so applying everything gives the checkpoint and nothing gives the base, bitwise.
@@ -26,6 +27,7 @@ from safetensors.torch import save_file
 
 from effopd.analysis import spectral
 from effopd.analysis.io import INDEX, LM_HEAD, SINGLE, AnalysisError, CheckpointReader, common_names
+from effopd.extrapolate import extrapolated
 from effopd.module_groups import DEFAULT_TYPES, module_group
 
 Source = str | Path | CheckpointReader
@@ -78,18 +80,15 @@ def _pairs(base: Source, ckpt: Source):
 
 
 def scaled(base: Source, ckpt: Source, alpha: float, types: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """θ_0 + α(θ_t − θ_0) on every tensor, or only on tensors of ``types`` (others: θ_t)."""
+    """θ_0 + α(θ_t − θ_0) on every tensor, or only on tensors of ``types`` (others: θ_t), by
+    :func:`effopd.extrapolate.extrapolated`: the arithmetic of EffOPD's candidates."""
     chosen = None if types is None else by_types(types)
     out = {}
     for name, get_w0, wt in _pairs(base, ckpt):
         if alpha == 1 or (chosen is not None and not chosen(name)):
             out[name] = wt
-        elif alpha == 0:
-            out[name] = get_w0()
         else:
-            w0 = get_w0().float()
-            # in place on the fresh difference: the same float32 operations, two fewer full-size temporaries
-            out[name] = (wt.float() - w0).mul_(alpha).add_(w0).to(wt.dtype)
+            out[name] = extrapolated(get_w0(), wt, alpha)
     return out
 
 

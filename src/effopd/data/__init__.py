@@ -7,7 +7,7 @@ from dataclasses import replace
 from effopd.data.example import Example
 from effopd.data.task import TaskSpec, make_splits
 
-EMBEDDED = "embedded"
+EMBEDDED = "embedded"  # names the built-in default: the task's splits here, the shipped models in effopd.models
 REQUIRED = "required"  # a preset's placeholder for a prompt set the user must supply
 
 

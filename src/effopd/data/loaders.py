@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from effopd.data.example import Example
 from effopd.errors import UserError
+from effopd.utils import atomic_write_text
 
 SUPPORTED = ".jsonl, .parquet, or a directory written by datasets' save_to_disk"
 _QUOTE_CHARS = 60
@@ -86,26 +86,16 @@ def load_examples(
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> None:
     """Write ``examples`` as jsonl (``prompt``, ``answer``, and ``solution`` when not None).
 
-    Parent directories are created. The file is written to a temporary file in the same directory
-    and moved into place with ``os.replace``, so readers never see a half-written file.
+    Parent directories are created. The file is replaced atomically
+    (:func:`effopd.utils.atomic_write_text`), so readers never see a half-written file.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for ex in examples:
-                record = {"prompt": ex.prompt, "answer": ex.answer}
-                if ex.solution is not None:
-                    record["solution"] = ex.solution
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    lines = []
+    for ex in examples:
+        record = {"prompt": ex.prompt, "answer": ex.answer}
+        if ex.solution is not None:
+            record["solution"] = ex.solution
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
 
 
 # ---------------------------------------------------------------------------- readers

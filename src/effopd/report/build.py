@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 import warnings
@@ -12,10 +11,10 @@ from pathlib import Path
 import matplotlib
 
 from effopd.report import sections as S
-from effopd.report.cli import ReportError
 from effopd.report.html import esc, note, page, section
-from effopd.report.load import load_run
+from effopd.report.load import ReportError, load_run
 from effopd.report.plots import STYLE
+from effopd.utils import atomic_write_text
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None) -> Path:
@@ -44,20 +43,8 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Seq
     header = (f"<h1>effopd report: {esc(names)}</h1><p>Generated {esc(time.strftime('%Y-%m-%d %H:%M'))} from "
               + ", ".join(f"<code>{esc(r.path)}</code>" for r in runs) + ".</p>")
     out = Path(out)
-    _write_atomic(out, page(f"effopd report: {names}", header, [(sid, t) for sid, t, _ in S.SECTIONS], bodies))
+    atomic_write_text(out, page(f"effopd report: {names}", header, [(sid, t) for sid, t, _ in S.SECTIONS], bodies))
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write next to ``path``, then rename over it: a reader never sees half a report. (Not
-    effopd.utils.atomic_write_text, which would import torch into a plotting command.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _render(fn, runs, title: str) -> str:

@@ -1,18 +1,16 @@
 """``effopd report RUN_DIR... [--out report.html] [--label NAME ...]``: the flags and the handler.
 
-Light on purpose (argparse only): the CLI builds its parser without importing matplotlib;
-:func:`run` imports the report builder when the command actually runs."""
+Light on purpose (argparse, and the loader for :class:`ReportError`): the CLI builds its parser
+without importing matplotlib; :func:`run` imports the report builder when the command runs."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from effopd.errors import UserError
+from effopd.report.load import ReportError
 
-
-class ReportError(UserError, ValueError):
-    """The report's inputs were wrong (a missing run directory, a label count that does not match)."""
+__all__ = ["ReportError", "add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,22 +7,35 @@
 
 Every file may be missing or damaged; :class:`Run` then carries a note saying what is missing
 and how to produce it, and the sections that need the file show that note instead of a plot.
+
+The analysis's file names and schema tag are defined here, torch-free, and
+:mod:`effopd.analysis.run` writes with them. Also the home of :class:`ReportError`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+from effopd.errors import UserError
+from effopd.metrics import read_metrics
+from effopd.utils import is_number
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ANALYSIS_DIR = "analysis"
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_TENSORS = "tensors.safetensors"
 SCHEMA = "effopd.analysis/1"
+"""The ``schema`` tag of ``analysis.json``: the version of its layout."""
+
+
+class ReportError(UserError, ValueError):
+    """The report's inputs were wrong (a missing run directory, a label count that does not match)."""
 
 
 @dataclass
@@ -77,10 +90,6 @@ class Run:
             return f.get_tensor(key) if key in f.keys() else None
 
 
-def is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def load_run(path: str | Path, label: str | None = None) -> Run:
     """Read a run directory; missing or unreadable files become notes, not errors. A path that
     is not a directory at all is an error (most likely a typo on the command line)."""
@@ -88,33 +97,10 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist (expected metrics.jsonl, config.yaml, analysis/ inside)")
     run = Run(path=path, label=label or path.resolve().name)
-    run.metrics, run.metrics_note = _read_metrics(path / "metrics.jsonl")
+    run.metrics, run.metrics_note = read_metrics(path / "metrics.jsonl")
     run.config_text, run.config = _read_config(path / "config.yaml")
     run.analysis, run.analysis_note, run.tensors_path = _read_analysis(path / ANALYSIS_DIR)
     return run
-
-
-def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
-    if not path.exists():
-        return [], f"{path} not found: training sections are empty"
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1  # e.g. the last line of a run killed mid-write
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    rows.sort(key=lambda r: r.get("step", 0) if is_number(r.get("step")) else 0)
-    note = f"{path}: skipped {bad} unreadable line(s)" if bad else None
-    if not rows:
-        note = f"{path} holds no metrics"
-    return rows, note
 
 
 def _read_config(path: Path) -> tuple[str | None, dict]:

@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from effopd.module_groups import TYPES
 import effopd.report.verdict as V
 from effopd.report.load import Run, is_number
+from effopd.utils import median
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -268,12 +269,14 @@ def spectrum(run: Run, stacked: bool = False) -> Figure | None:
 
 
 def _median_at(per: dict, names, key: str, i: int) -> float:
+    """Median over ``names`` of entry ``i`` of each module's ``key`` list; NaN (a gap in the line) when none has one."""
     vals = []
     for n in names:
         xs = per.get(n, {}).get(key) or []
-        if i < len(xs) and is_number(xs[i]):
+        if i < len(xs):
             vals.append(xs[i])
-    return float(np.median(vals)) if vals else math.nan
+    m = median(vals)
+    return math.nan if m is None else m
 
 
 # --- alignment --------------------------------------------------------------------------------

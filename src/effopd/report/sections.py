@@ -8,7 +8,6 @@ curves and the efficiency plot overlay all runs, since comparing them is their p
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 
 from effopd.module_groups import TYPES
@@ -16,6 +15,7 @@ from effopd.report import plots
 import effopd.report.verdict as V
 from effopd.report.html import esc, figure, fmt, grid, image, note, pct, table
 from effopd.report.load import Run, is_number
+from effopd.utils import median
 
 # (id, heading, function name): the table of contents and the page order.
 SECTIONS = (
@@ -253,13 +253,11 @@ def _spectrum_table(run: Run) -> str:
 
 
 def _med(per: dict, names, key: str):
-    vals = [x for n in names if is_number(x := _last(per.get(n, {}).get(key)))]
-    return statistics.median(vals) if vals else None
+    return median(_last(per.get(n, {}).get(key)) for n in names)
 
 
 def _med_energy(per: dict, names, frac: str):
-    vals = [x for n in names if is_number(x := _last((per.get(n, {}).get("energy_top") or {}).get(frac)))]
-    return statistics.median(vals) if vals else None
+    return median(_last((per.get(n, {}).get("energy_top") or {}).get(frac)) for n in names)
 
 
 # --- alignment --------------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def _lock_table(run: Run) -> str:
     for t, names in plots.modules_by_type(a, per).items():
         locks = [per[n].get("lock_in_step") for n in names]
         ok = [s for s in locks if is_number(s)]
-        med = statistics.median(ok) if ok else None
+        med = median(ok)
         rows.append([t, len(names), med, pct(med / T) if med is not None and T else "—", min(ok) if ok else None,
                      max(ok) if ok else None, len(locks) - len(ok)])
     return (f"<h3>Lock-in steps by module type (T = {esc(T)})</h3>"

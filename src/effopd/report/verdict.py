@@ -28,10 +28,10 @@ T = ``steps[-1]``. The rules:
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 
 from effopd.report.load import Run, is_number
+from effopd.utils import median
 
 #: Question 1: how many of the largest types (by update per parameter) are added up ...
 CONCENTRATION_TOP_K = 2
@@ -94,11 +94,6 @@ def recommendation(answers: list[Answer]) -> str:
     return "Not enough evidence either way: analyse more (and earlier) checkpoints with evaluation."
 
 
-def _median(xs):
-    xs = [x for x in xs if is_number(x) and math.isfinite(x)]
-    return statistics.median(xs) if xs else None
-
-
 def _sentence(s: str) -> str:
     return s[:1].upper() + s[1:]
 
@@ -147,13 +142,13 @@ def lock_in(a: dict) -> Answer:
     steps = a.get("steps") or []
     spectrum = a.get("spectrum", {}).get("per_module", {})
     modules = a.get("modules", {})
-    frac = _median([(m.get("effective_rank_frac") or [None])[-1] for m in spectrum.values()])
-    rank = _median([(m.get("effective_rank") or [None])[-1] for m in spectrum.values()])
+    frac = median([(m.get("effective_rank_frac") or [None])[-1] for m in spectrum.values()])
+    rank = median([(m.get("effective_rank") or [None])[-1] for m in spectrum.values()])
     truncated = [n for n in spectrum if truncated_svd(modules.get(n, {}))]
-    captured = _median([(spectrum[n].get("captured_energy") or [None])[-1] for n in truncated]) if truncated else 1.0
+    captured = median([(spectrum[n].get("captured_energy") or [None])[-1] for n in truncated]) if truncated else 1.0
     align = a.get("alignment", {})
     locks = [m.get("lock_in_step") for m in align.get("per_module", {}).values()]
-    lock = _median(locks)
+    lock = median(locks)
     T = steps[-1] if steps else None
     lock_frac = lock / T if lock is not None and T else None
     nums = {"rank_frac": frac, "effective_rank": rank, "lock_in_step": lock, "final_step": T, "lock_frac": lock_frac,
