@@ -9,17 +9,25 @@ import math
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from effopd import cli
+from effopd import methods as methods_mod
 from effopd import train as train_mod
 from effopd.config import ConfigError, list_presets, load_config, preset_path
 from effopd.data.example import Example
-from effopd.train import Models, assemble_batch
+from effopd.losses import group_advantages, overlong_penalty
+from effopd.methods import METHODS, Models
 
 EMBEDDED_PRESETS = ["opd", "opd-effopd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt"]
-METHOD_KEYS = {  # a metric only that method's loss produces
-    "opd": "train/reverse_kl", "opd-effopd": "extrapolate/s0", "gopd": "train/reverse_kl", "gkd": "train/jsd",
-    "grpo": "train/clip_frac", "dapo": "train/sample_rounds", "sft": "train/nll", "sft-gt": "train/nll",
+METHOD_KEYS = {  # metrics that only this preset's runs log
+    "opd-effopd": {"extrapolate/s0"}, "gkd": {"train/jsd"}, "dapo": {"train/sample_rounds", "train/kept_groups"},
+    "sft": {"train/nll", "train/target_reward"}, "sft-gt": {"train/nll"},
 }
+
+
+def assemble_batch(cfg, models, student, draw, k):
+    return METHODS[cfg.loss.method].assemble(cfg, models, student, draw, k)
 
 
 def _tiny(tiny_models, **extra) -> list[str]:
@@ -86,21 +94,59 @@ def test_bad_method_settings_are_named(bad, match):
         load_config([], bad)
 
 
+def _even_length_reward(text, gold):
+    """A fake verifier with variance on random models: 1 for an even-length response."""
+    return float(len(text) % 2 == 0)
+
+
+@pytest.fixture(scope="module")
+def method_runs(tiny_models, tmp_path_factory):
+    """Two CLI steps of every embedded preset from the same student, data and seed, with a fake
+    verifier (random tiny models never solve a problem, so with the real one every GRPO/DAPO
+    advantage would be 0 and those runs could not be told apart)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(methods_mod, "reward", _even_length_reward)
+    root, runs = tmp_path_factory.mktemp("methods"), {}
+    try:
+        for name in EMBEDDED_PRESETS:
+            extra = {"rollout.batch_size": 2, "rollout.n": 2} if name in ("grpo", "dapo") else {}
+            run = root / name
+            code = cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *_tiny(tiny_models, **extra)])
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
+            runs[name] = {"code": code, "dir": run, "rows": rows}
+    finally:
+        mp.undo()
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EMBEDDED_PRESETS)
-def test_two_steps_of_every_method_through_the_cli(name, tiny_models, tmp_path):
-    extra = {"rollout.batch_size": 2, "rollout.n": 2} if name in ("grpo", "dapo") else {}
-    run = tmp_path / name
-    code = cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *_tiny(tiny_models, **extra)])
-    assert code == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    for r in rows[1:]:
-        assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) and "eval/accuracy" in r
-    assert METHOD_KEYS[name] in rows[1], sorted(rows[1])
+def test_two_steps_of_every_method_through_the_cli(name, method_runs):
+    r = method_runs[name]
+    assert r["code"] == 0
+    rows, run = r["rows"], r["dir"]
+    assert [x["step"] for x in rows] == [0, 1, 2]
+    for x in rows[1:]:
+        assert math.isfinite(x["train/loss"]) and math.isfinite(x["train/grad_norm"]) and "eval/accuracy" in x
+    others = set().union(*(METHOD_KEYS.get(n, set()) for n in EMBEDDED_PRESETS if n != name)) - METHOD_KEYS.get(name, set())
+    assert METHOD_KEYS.get(name, set()) <= set(rows[1]), sorted(rows[1])
+    assert not others & set(rows[1]), sorted(others & set(rows[1]))
     assert (run / "checkpoints" / "step-2" / "COMPLETE").exists()
     saved = load_config([run / "config.yaml"])
     assert saved.loss.method == name.removesuffix("-effopd") and saved.train.steps == 2
+
+
+@pytest.mark.slow
+def test_every_method_trains_differently(method_runs):
+    """Same student, data and seed: each method's loss moves the weights somewhere else, so a
+    method wired to another's batch or loss would show here. (OPD + EffOPD equals OPD on random
+    models, which never pass validation: that is tested in test_train.py.)"""
+    weights = {n: load_file(method_runs[n]["dir"] / "checkpoints" / "step-2" / "model.safetensors")
+               for n in EMBEDDED_PRESETS if n != "opd-effopd"}
+    names = sorted(weights)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), f"{a} and {b} trained alike"
 
 
 # --- batch assembly, method by method -------------------------------------------------------
@@ -133,7 +179,7 @@ def _drawer(pool):
 
 def test_dynamic_sampling_refills_with_informative_groups_only(tiny, monkeypatch):
     # A fake verifier with reward variance: 1 for an even-length response, else 0.
-    monkeypatch.setattr(train_mod, "reward", lambda text, gold: float(len(text) % 2 == 0))
+    monkeypatch.setattr(methods_mod, "reward", _even_length_reward)
     cfg = load_config([], ["loss.method=dapo", "rollout.n=4", "rollout.batch_size=3", "rollout.max_new_tokens=12",
                            "loss.max_sample_rounds=20"])
     draw, state = _drawer(_examples(200))
@@ -147,19 +193,19 @@ def test_dynamic_sampling_refills_with_informative_groups_only(tiny, monkeypatch
     # the rewards are those of the kept responses (outcome + overlong penalty)
     lengths = batch.rollout.lengths_B
     expected = torch.tensor([float(len(t) % 2 == 0) for t in batch.rollout.texts])
-    expected = expected + train_mod.overlong_penalty(lengths, 12, cfg.loss.overlong_buffer, 1.0)
+    expected = expected + overlong_penalty(lengths, 12, cfg.loss.overlong_buffer, 1.0)
     assert torch.allclose(batch.rewards_B, expected)
 
 
 def test_dynamic_sampling_gives_up_after_max_rounds(tiny, monkeypatch):
-    monkeypatch.setattr(train_mod, "reward", lambda text, gold: 0.0)  # never informative
+    monkeypatch.setattr(methods_mod, "reward", lambda text, gold: 0.0)  # never informative
     cfg = load_config([], ["loss.method=dapo", "rollout.n=2", "rollout.batch_size=2", "rollout.max_new_tokens=6",
                            "loss.max_sample_rounds=3", "loss.overlong_penalty=0"])
     draw, state = _drawer(_examples(50))
     batch = assemble_batch(cfg, tiny, tiny.student, draw, 2)
     assert batch.metrics["train/sample_rounds"] == 3 and batch.metrics["train/kept_groups"] == 0
     assert state["i"] == 6
-    assert torch.equal(train_mod.group_advantages(batch.rewards_B, 2), torch.zeros(4))
+    assert torch.equal(group_advantages(batch.rewards_B, 2), torch.zeros(4))
 
 
 def test_sft_gt_trains_on_the_worked_solutions(tiny):
@@ -208,3 +254,106 @@ def test_effopd_switches_on_for_a_baseline(name, tiny_models, tmp_path):
     searches = [r for r in rows if "extrapolate/s0" in r]
     assert [r["step"] for r in searches] == [1, 2]  # triggered at steps 1 and 2, scored without a teacher
     assert (run / "checkpoints" / "step-2" / "extrapolate_anchor.safetensors").exists()
+
+
+# --- updates per batch and loss normalisation -----------------------------------------------
+
+
+def _optimize(tiny_models, overrides, *, lr=1e-2):
+    """One step of the trainer's update on a fresh tiny student: (metrics, optimizer, batch)."""
+    from accelerate import Accelerator
+
+    from effopd.models import load_model, load_tokenizer
+    from transformers import get_scheduler
+
+    cfg = load_config([], [f"optim.lr={lr}", "rollout.max_new_tokens=10", *overrides])
+    tok = load_tokenizer(tiny_models["student"])
+    models = Models(load_model(tiny_models["student"], "student"), load_model(tiny_models["teacher"], "teacher"), None, tok)
+    opt = torch.optim.AdamW(models.student.parameters(), lr=cfg.optim.lr)
+    sched = get_scheduler("constant", opt)
+    method = METHODS[cfg.loss.method]
+    draw, _ = _drawer(_examples(40))
+    torch.manual_seed(0)
+    batch = method.assemble(cfg, models, models.student, draw, 4)
+    m = train_mod.optimize(cfg, Accelerator(cpu=True), models, method, batch, opt, sched, train_mod.NonFiniteCount())
+    return m, opt, batch
+
+
+def _updates(opt) -> int:
+    return int(next(iter(opt.state.values()))["step"])
+
+
+def test_one_update_per_batch_has_ratio_one(tiny_models):
+    m, opt, batch = _optimize(tiny_models, [])
+    assert _updates(opt) == 1 and "old_logp_BT" not in batch.signals
+    assert m["train/clip_frac"] == 0.0  # with one update the clip cannot act
+
+
+def test_ppo_epochs_and_mini_batches_make_several_updates_against_the_sampling_policy(tiny_models):
+    m, opt, batch = _optimize(tiny_models, ["loss.ppo_epochs=2", "loss.mini_batches=2", "loss.clip_eps_low=0.01"], lr=3e-2)
+    assert _updates(opt) == 4
+    # lp_old is the student's logprob of the samples before any update: rescoring a fresh copy of
+    # the initial student gives it back
+    from effopd.models import load_model
+    from effopd.scoring import score
+
+    init = load_model(tiny_models["student"], "student")
+    torch.testing.assert_close(batch.signals["old_logp_BT"], score(init, batch.rollout), atol=1e-6, rtol=0)
+    # the later updates see a ratio away from 1, so a tight clip acts on some tokens
+    assert m["train/clip_frac"] > 0
+
+
+def test_mini_batches_split_the_batch_in_order():
+    cfg = load_config([], [])
+    from effopd.methods import Batch
+    from effopd.rollout import Rollout
+
+    ro = Rollout(torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.long), torch.arange(5)[:, None],
+                 torch.ones(5, 1, dtype=torch.long), torch.zeros(5, 1), [str(i) for i in range(5)])
+    parts = train_mod.mini_batches(Batch(ro, list("abcde")), 2)
+    assert [p.golds for p in parts] == [list("abc"), list("de")] and cfg.loss.mini_batches == 1
+
+
+def _sft_batch(tiny, widths_extra: int = 0, empty_row: int | None = None):
+    from effopd.rollout import _pad_to, from_completions
+
+    ex = _examples(4)
+    ro = from_completions(tiny.tokenizer, [e.prompt for e in ex], [e.solution for e in ex])
+    if widths_extra:  # the same responses right-padded to a wider batch
+        T = ro.response_ids_BT.shape[1] + widths_extra
+        ro.response_ids_BT = _pad_to(ro.response_ids_BT, T, tiny.tokenizer.pad_token_id, False)
+        ro.response_mask_BT = _pad_to(ro.response_mask_BT, T, 0, False)
+        ro.logp_BT = _pad_to(ro.logp_BT, T, 0.0, False)
+    if empty_row is not None:
+        ro.response_mask_BT[empty_row] = 0
+    return methods_mod.Batch(ro, [e.answer for e in ex])
+
+
+def _loss_and_grad(tiny, cfg, batch):
+    from accelerate import Accelerator
+
+    tiny.student.zero_grad(set_to_none=True)
+    m = train_mod.accumulate_gradients(cfg, Accelerator(cpu=True), tiny, METHODS[cfg.loss.method], batch)
+    grads = [p.grad.clone() for p in tiny.student.parameters() if p.grad is not None]
+    tiny.student.zero_grad(set_to_none=True)
+    return m["train/loss"], grads
+
+
+def test_sum_norm_divides_by_a_constant_not_the_padded_width(tiny):
+    cfg = load_config([], ["loss.method=sft-gt", "loss.aggregation=seq-mean-token-sum-norm"])
+    narrow, _ = _loss_and_grad(tiny, cfg, _sft_batch(tiny))
+    wide, _ = _loss_and_grad(tiny, cfg, _sft_batch(tiny, widths_extra=7))
+    assert narrow == pytest.approx(wide, rel=1e-6)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_with_an_empty_row_equal_one_pass(tiny, agg):
+    """A micro-batch holding only a fully masked row contributes nothing, for every aggregation."""
+    whole = load_config([], ["loss.method=sft-gt", f"loss.aggregation={agg}"])
+    micro = load_config([], ["loss.method=sft-gt", f"loss.aggregation={agg}", "train.micro_batch_size=1"])
+    batch = _sft_batch(tiny, empty_row=1)
+    loss_a, grads_a = _loss_and_grad(tiny, whole, batch)
+    loss_b, grads_b = _loss_and_grad(tiny, micro, batch)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -40,8 +40,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def _crash_in_step(monkeypatch, step: int, run) -> None:
-    """Run ``run()`` with the policy update of ``step`` raising, as a crash mid-run would."""
-    real, calls = train_mod.policy_step, {"n": 0}
+    """Run ``run()`` with the update of ``step`` raising, as a crash mid-run would."""
+    real, calls = train_mod.optimize, {"n": 0}
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -49,10 +49,10 @@ def _crash_in_step(monkeypatch, step: int, run) -> None:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "policy_step", crashing)
+    monkeypatch.setattr(train_mod, "optimize", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run()
-    monkeypatch.setattr(train_mod, "policy_step", real)
+    monkeypatch.setattr(train_mod, "optimize", real)
 
 
 def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):

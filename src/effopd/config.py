@@ -15,11 +15,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from effopd.errors import UserError
-from effopd.losses import AGGREGATIONS
+from effopd.module_groups import DEFAULT_TYPE_ORDER
 
-METHODS = ("opd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt")
-GROUP_METHODS = ("grpo", "dapo")  # outcome-reward RL: n responses per prompt form a group
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def _methods() -> dict:
+    """The method table (``effopd.methods``), imported when a config is built rather than when this
+    module is, so that ``effopd --help`` and the presets list load no torch."""
+    from effopd.methods import METHODS
+
+    return METHODS
 
 
 class ConfigError(UserError, ValueError):
@@ -103,11 +109,20 @@ class LossConfig:
     gkd_top_k: int | None = None
     """GKD: compare the distributions on the teacher's top-k tokens only (null = full vocabulary)."""
     clip_eps_low: float = 0.2
+    """Lower PPO clip of the ratio to the sampling-time policy. The clip (and dual_clip_c) act only when a
+    batch gets several updates (ppo_epochs or mini_batches > 1) or with rollout_is; with one update per
+    batch the ratio is exactly 1 and train/clip_frac is 0."""
     clip_eps_high: float | None = None
-    """Upper PPO clip; null = 0.28 for dapo (clip-higher), else clip_eps_low."""
+    """Upper PPO clip; null = 0.28 for dapo (clip-higher), else clip_eps_low. Inactive with one update per batch."""
     dual_clip_c: float | None = 3.0
+    """Dual clip of negative advantages (c > 1; null = off). Inactive with one update per batch."""
+    ppo_epochs: int = 1
+    """Passes over each sampled batch; each pass makes mini_batches optimizer updates."""
+    mini_batches: int = 1
+    """Optimizer updates per pass: the batch is split into this many consecutive mini-batches."""
     aggregation: str | None = None
-    """Loss reduction; null = seq-mean-token-mean for grpo, token-mean otherwise."""
+    """Loss reduction; null = seq-mean-token-mean for grpo, token-mean otherwise. `seq-mean-token-sum-norm`
+    divides each sequence's token sum by the constant rollout.max_new_tokens."""
     std_norm: bool = True
     """grpo/dapo: divide the group-centered reward by the group's std."""
     dynamic_sampling: bool | None = None
@@ -123,16 +138,22 @@ class LossConfig:
     is_cap: float = 5.0
 
     def __post_init__(self):
-        _require(self.method in METHODS, "loss.method", self.method, f"choose one of {METHODS}")
+        from effopd.losses import AGGREGATIONS
+
+        methods = _methods()
+        _require(self.method in methods, "loss.method", self.method, f"choose one of {tuple(methods)}")
         m = self.method
+        groups = tuple(name for name, rec in methods.items() if rec.group)
         _require(self.lam >= 0, "loss.lam", self.lam, "must be >= 0")
         _require(0 <= self.gkd_beta <= 1, "loss.gkd_beta", self.gkd_beta, "must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
         _require(self.gkd_top_k is None or self.gkd_top_k > 0, "loss.gkd_top_k", self.gkd_top_k, "must be > 0 or null")
         _require(self.clip_eps_low >= 0 and (self.clip_eps_high is None or self.clip_eps_high >= 0), "loss.clip_eps_*", (self.clip_eps_low, self.clip_eps_high), "must be >= 0")
         _require(self.dual_clip_c is None or self.dual_clip_c > 1, "loss.dual_clip_c", self.dual_clip_c, "must be > 1 or null")
         _require(self.aggregation is None or self.aggregation in AGGREGATIONS, "loss.aggregation", self.aggregation, f"choose one of {AGGREGATIONS}")
-        _require(not self.dynamic_sampling or m in GROUP_METHODS, "loss.dynamic_sampling", self.dynamic_sampling,
-                 f"only the group methods {GROUP_METHODS} sample groups to filter")
+        _require(not self.dynamic_sampling or methods[m].group, "loss.dynamic_sampling", self.dynamic_sampling,
+                 f"only the group methods {groups} sample groups to filter")
+        _require(self.ppo_epochs > 0, "loss.ppo_epochs", self.ppo_epochs, "must be > 0")
+        _require(self.mini_batches > 0, "loss.mini_batches", self.mini_batches, "must be > 0")
         _require(self.max_sample_rounds > 0, "loss.max_sample_rounds", self.max_sample_rounds, "must be > 0")
         _require(self.overlong_penalty is None or self.overlong_penalty >= 0, "loss.overlong_penalty", self.overlong_penalty, "must be >= 0 (0 = off)")
         _require(self.overlong_buffer is None or self.overlong_buffer >= 0, "loss.overlong_buffer", self.overlong_buffer, "must be >= 0 or null")
@@ -220,7 +241,7 @@ class ExtrapolateConfig:
     """Steps after which to search; null = powers of two (1, 2, 4, 8, ...)."""
     max_step: int | None = None
     """No searches after this step (null = no limit)."""
-    modules: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "qkv", "gate", "up", "down"])
+    modules: list[str] = field(default_factory=lambda: list(DEFAULT_TYPE_ORDER))
     """Module types whose 2-D weights are extrapolated (embeddings, lm_head and norms are left alone)."""
     score: str = "reward"
     """`reward` (mean verifiable reward of validation samples) or `teacher_logprob` (teacher's mean per-token logprob of them)."""
@@ -236,7 +257,9 @@ class ExtrapolateConfig:
     """Device holding the anchor and the rollback copy."""
 
     def __post_init__(self):
-        _require(self.schedule in ("paper", "adaptive"), "extrapolate.schedule", self.schedule, "choose paper or adaptive")
+        from effopd.extrapolate import SCHEDULES
+
+        _require(self.schedule in SCHEDULES, "extrapolate.schedule", self.schedule, f"choose one of {SCHEDULES}")
         _require(self.max_tries > 0, "extrapolate.max_tries", self.max_tries, "must be > 0")
         _require(self.margin >= 0, "extrapolate.margin", self.margin, "must be >= 0")
         _require(self.score in EXTRAPOLATE_SCORES, "extrapolate.score", self.score, f"choose one of {EXTRAPOLATE_SCORES}")
@@ -258,16 +281,15 @@ class Config:
 
     def __post_init__(self):
         """Fill the per-method defaults left null, then check what spans sections."""
-        loss, n, m = self.loss, self.rollout.n, self.loss.method
+        from effopd.methods import method_defaults
+
+        loss, n = self.loss, self.rollout.n
+        for key, value in method_defaults(loss.method).items():
+            if getattr(loss, key) is None:
+                setattr(loss, key, value)
         if loss.clip_eps_high is None:
-            loss.clip_eps_high = 0.28 if m == "dapo" else loss.clip_eps_low
-        if loss.aggregation is None:
-            loss.aggregation = "seq-mean-token-mean" if m == "grpo" else "token-mean"
-        if loss.dynamic_sampling is None:
-            loss.dynamic_sampling = m == "dapo"
-        if loss.overlong_penalty is None:
-            loss.overlong_penalty = 1.0 if m == "dapo" else 0.0
-        if loss.method in GROUP_METHODS:
+            loss.clip_eps_high = loss.clip_eps_low
+        if _methods()[loss.method].group:
             _require(n >= 2, "rollout.n", n, f"loss.method={loss.method} compares the n responses to one prompt, so it "
                      f"needs n >= 2 (e.g. rollout.n=8 rollout.batch_size=8, or start from --preset {loss.method})")
         if loss.overlong_buffer is None:

@@ -1,12 +1,17 @@
-"""The training loop: rollout -> score -> advantages -> loss -> update -> log -> eval -> checkpoint.
+"""The training loop: batch -> per-batch signals -> loss -> update -> EffOPD -> log -> eval -> checkpoint.
 
-``train(cfg, run_dir)`` is read top to bottom; every stage is one call. It runs single-process by
-default and under ``accelerate launch`` as data-parallel replicas (each process samples its
-share of the global batch; gradients are averaged by DDP).
+``train(cfg, run_dir)`` is three calls: ``setup`` (inputs, models, optimizer, run directory),
+``restore`` (the newest checkpoint, with ``--resume``) and ``loop``, which is read top to bottom;
+every stage of a step is one call. What differs between methods lives in their record in
+``methods.py``. It runs single-process by default and under ``accelerate launch`` as
+data-parallel replicas (each process samples its share of the global batch; gradients are
+averaged by DDP).
 
-On-policy shortcut: with one optimizer update per batch the "old" policy is the current one, so
-``lp_old`` is the detached ``lp_theta`` of the same forward pass (the PPO ratio is exactly 1 and
-the clip is inactive), as in verl/TRL when there is a single update per rollout.
+Updates per batch: ``loss.ppo_epochs`` passes over ``loss.mini_batches`` mini-batches, one
+optimizer update each. With one update per batch (the default) the "old" policy is the current
+one, so ``lp_old`` is the detached ``lp_theta`` of the same forward pass (the PPO ratio is exactly
+1 and the clip is inactive), as in verl/TRL with a single update per rollout; with several,
+``lp_old`` is scored once before the first update.
 """
 
 from __future__ import annotations
@@ -33,15 +38,12 @@ from effopd.data import load_split
 from effopd.errors import RunStopped, UserError
 from effopd.evaluate import evaluate_model
 from effopd.extrapolate import Extrapolator, Score
-from effopd.losses import (
-    generalized_jsd, gopd_advantages, group_advantages, informative_groups, masked_mean, opd_advantages,
-    overlong_penalty, ppo_clip_loss, sft_loss, token_is_weight,
-)
+from effopd.methods import METHODS, Batch, Method, Models, micro_batch_denominator
+from effopd.metrics import MetricsLog
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
 from effopd.module_groups import module_group
 from effopd.rewards import reward
-from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
-from effopd.scoring import gather_logprobs, response_logits, token_logprobs
+from effopd.rollout import generate
 from effopd.scoring import score as score_logprobs
 from effopd.utils import atomic_write_text, isolated_rng
 
@@ -128,39 +130,14 @@ class PromptSampler:
         self.epoch, self.cursor = s["epoch"], s["cursor"]
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl, one object per step; truncated back to a checkpoint on resume."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
-
-    def truncate_after(self, step: int) -> None:
-        if not (self.enabled and self.path.exists()):
-            return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-@dataclass
-class Models:
-    student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    base: torch.nn.Module | None
-    tokenizer: object
-
-
-SCORED_BY_TEACHER = ("opd", "gopd")  # advantages from the teacher's per-token logprobs
-SFT_METHODS = ("sft", "sft-gt")
-
-
 def needs_teacher(cfg: Config) -> bool:
-    """grpo/dapo and sft-gt learn from rewards or data alone (unless EffOPD scores by the teacher)."""
-    return cfg.loss.method not in ("grpo", "dapo", "sft-gt") or (cfg.extrapolate.enabled and cfg.extrapolate.score == "teacher_logprob")
+    """The method's need, or EffOPD scoring candidates by the teacher's logprob."""
+    x = cfg.extrapolate
+    return METHODS[cfg.loss.method].needs_teacher or (x.enabled and x.score == "teacher_logprob")
+
+
+def updates_per_batch(cfg: Config) -> int:
+    return cfg.loss.ppo_epochs * cfg.loss.mini_batches
 
 
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -211,7 +188,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
-    m = cfg.model
+    m, method = cfg.model, METHODS[cfg.loss.method]
     tok = load_tokenizer(m.student, "student")
     teacher = None
     if needs_teacher(cfg):
@@ -219,14 +196,9 @@ def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
         teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
     student = load_model(student_path or m.student, "student", m.dtype, device)
     base = None
-    if cfg.loss.method == "gopd":  # the frozen student *init*, never a resumed checkpoint
+    if method.needs_base:  # the frozen student *init*, never a resumed checkpoint
         base = freeze(load_model(m.base or m.student, "student", m.dtype, device))
     return Models(student, teacher, base, tok)
-
-
-def _lr_scheduler(cfg: Config, optimizer):
-    name = cfg.optim.scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps, num_training_steps=cfg.train.steps)
 
 
 def evaluate_step(cfg: Config, model, tokenizer, examples, run_dir: Path, step: int) -> dict:
@@ -240,157 +212,81 @@ def evaluate_step(cfg: Config, model, tokenizer, examples, run_dir: Path, step: 
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-@dataclass
-class Batch:
-    """What one update trains on: the sequences, their reference answers, and (for grpo/dapo)
-    the reward of each sequence, grouped by prompt in consecutive runs of ``group_size`` rows."""
+# ---- one update ------------------------------------------------------------------------------
 
-    rollout: Rollout
-    golds: list[str]
-    rewards_B: torch.Tensor | None = None
-    group_size: int = 1
-    metrics: dict | None = None
+_MICRO_METRICS = ("clip_frac", "reverse_kl", "jsd", "nll")
+"""Loss metrics averaged over micro-batches (by token share for token-mean, else by row share)."""
 
 
-def sample_rewards(cfg: Config, rollout: Rollout, golds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(verifiable outcome reward, outcome + overlong penalty) per sampled response."""
-    outcome_B = torch.tensor([reward(t, g) for t, g in zip(rollout.texts, golds)], dtype=torch.float32)
-    total_B = outcome_B
-    if cfg.loss.overlong_penalty > 0:
-        total_B = outcome_B + overlong_penalty(rollout.lengths_B.cpu(), cfg.rollout.max_new_tokens,
-                                               cfg.loss.overlong_buffer, cfg.loss.overlong_penalty)
-    return outcome_B, total_B
-
-
-def assemble_batch(cfg: Config, models: Models, student, draw, k: int) -> Batch:
-    """Build the batch of one update from ``k`` prompts; ``draw(k)`` returns the next k training
-    examples of this process. The methods differ only here and in ``policy_step``'s loss:
-
-    - on-policy (opd, gopd, gkd, grpo, dapo): the student samples n responses per prompt;
-    - dapo (dynamic sampling): groups whose rewards are all equal are dropped and fresh prompts
-      are sampled until the batch is full again (at most ``loss.max_sample_rounds`` rounds);
-    - sft: the teacher samples the responses (off-policy distillation);
-    - sft-gt: the responses are the data's own worked solutions.
-    """
-    r = cfg.rollout
-    method = cfg.loss.method
-
-    def sample(model, examples):
-        return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
-                        temperature=r.temperature, top_p=r.top_p)
-
-    if method == "sft-gt":
-        examples = draw(k)
-        missing = [e for e in examples if e.solution is None]
-        if missing:
-            raise ValueError(
-                f"loss.method=sft-gt trains on worked solutions, but {missing[0].source or 'a training example'} has none; "
-                f"add a `{cfg.data.solution_field}` field to data.train (or set data.solution_field)"
-            )
-        ro = from_completions(models.tokenizer, [e.prompt for e in examples], [e.solution for e in examples])
-        return Batch(ro, [e.answer for e in examples])
-    if method == "sft":
-        examples = [e for e in draw(k) for _ in range(r.n)]
-        ro = sample(models.teacher, examples)
-        golds = [e.answer for e in examples]
-        return Batch(ro, golds, metrics={"train/target_reward": sum(map(reward, ro.texts, golds)) / len(golds)})
-
-    examples = [e for e in draw(k) for _ in range(r.n)]
-    ro = sample(student, examples)
-    golds = [e.answer for e in examples]
-    if method not in ("grpo", "dapo"):
-        return Batch(ro, golds)
-    outcome_B, total_B = sample_rewards(cfg, ro, golds)
-    if not cfg.loss.dynamic_sampling:
-        return Batch(ro, golds, total_B, r.n, {"train/reward": outcome_B.mean().item()})
-
-    parts, kept_golds, kept_rewards, all_outcomes, rounds = [], [], [], [outcome_B], 1
-    while True:
-        keep_G = informative_groups(total_B, r.n)
-        rows = keep_G.repeat_interleave(r.n).nonzero().squeeze(-1)
-        parts.append(ro.select(rows))
-        kept_golds += [golds[i] for i in rows.tolist()]
-        kept_rewards.append(total_B[rows])
-        if len(kept_golds) >= k * r.n or rounds >= cfg.loss.max_sample_rounds:
-            break
-        examples = [e for e in draw(k) for _ in range(r.n)]
-        ro, golds, rounds = sample(student, examples), [e.answer for e in examples], rounds + 1
-        outcome_B, total_B = sample_rewards(cfg, ro, golds)
-        all_outcomes.append(outcome_B)
-    metrics = {"train/reward": torch.cat(all_outcomes).mean().item(), "train/sample_rounds": rounds}
-    if not kept_golds:  # nothing informative: every advantage is 0, the update is weight decay only
-        metrics["train/kept_groups"] = 0
-        return Batch(ro, golds, total_B, r.n, metrics)
-    kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id)
-    n_rows = min(len(kept_golds), k * r.n)
-    metrics["train/kept_groups"] = n_rows // r.n
-    return Batch(kept.select(slice(0, n_rows)), kept_golds[:n_rows], torch.cat(kept_rewards)[:n_rows], r.n, metrics)
-
-
-def policy_step(cfg: Config, accelerator: Accelerator, models: Models, batch: Batch) -> dict:
-    """Form each method's per-token signal and accumulate gradients of its loss over
-    micro-batches (weighted so that the result equals one pass over the whole batch)."""
-    method, loss_cfg, rollout = cfg.loss.method, cfg.loss, batch.rollout
-    temperature = 1.0 if method in SFT_METHODS else cfg.rollout.temperature
-    t0 = time.time()
-    chunk = cfg.train.score_chunk_size
-    teacher_logp_BT = score_logprobs(models.teacher, rollout, chunk_size=chunk) if method in SCORED_BY_TEACHER else None
-    base_logp_BT = score_logprobs(models.base, rollout, chunk_size=chunk) if models.base is not None else None
-    seq_adv_B = None
-    if batch.rewards_B is not None:
-        seq_adv_B = group_advantages(batch.rewards_B, batch.group_size, std_norm=loss_cfg.std_norm)
-    t_score = time.time() - t0
-
-    B = rollout.response_ids_BT.shape[0]
+def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, method: Method, batch: Batch) -> dict:
+    """Accumulate the gradient of ``method``'s loss on ``batch`` over micro-batches of
+    ``train.micro_batch_size`` rows. Each micro-batch loss is divided by the whole batch's
+    normaliser, so the summed gradient equals one pass over the batch."""
+    B = len(batch)
     mb = cfg.train.micro_batch_size or B
-    total_tokens = rollout.response_mask_BT.sum().clamp(min=1)
+    denominator = micro_batch_denominator(cfg, batch)
+    total_tokens = batch.rollout.response_mask_BT.sum().clamp(min=1)
     sums: dict[str, float] = {"loss": 0.0}
     for i in range(0, B, mb):
-        part, sl = rollout.select(slice(i, i + mb)), slice(i, i + mb)
-        mask_BT = part.response_mask_BT.to(accelerator.device)
-        if method == "gkd":
-            logits_BTV = response_logits(models.student, part, temperature)
-            with torch.no_grad():
-                teacher_logits_BTV = response_logits(models.teacher, part, temperature)
-            loss, m = generalized_jsd(logits_BTV, teacher_logits_BTV, mask_BT, beta=loss_cfg.gkd_beta,
-                                      top_k=loss_cfg.gkd_top_k, agg=loss_cfg.aggregation)
-            with torch.no_grad():
-                m["reverse_kl"] = masked_mean(gather_logprobs(logits_BTV, part) - gather_logprobs(teacher_logits_BTV, part), mask_BT).item()
-        elif method in SFT_METHODS:
-            loss, m = sft_loss(token_logprobs(models.student, part), mask_BT, agg=loss_cfg.aggregation,
-                               norm_len=rollout.response_ids_BT.shape[1])
-        else:
-            logp_BT = token_logprobs(models.student, part, temperature=temperature)
-            old_logp_BT = logp_BT.detach()
-            if method == "gopd":
-                adv_BT = gopd_advantages(teacher_logp_BT[sl], old_logp_BT, base_logp_BT[sl], mask_BT, loss_cfg.lam)
-            elif method == "opd":
-                adv_BT = opd_advantages(teacher_logp_BT[sl], old_logp_BT, mask_BT)
-            else:  # grpo / dapo: the sequence's advantage on each of its tokens
-                adv_BT = seq_adv_B[sl].to(mask_BT.device)[:, None] * mask_BT
-            w_BT = token_is_weight(old_logp_BT, part.logp_BT.to(old_logp_BT.device), loss_cfg.is_cap) if loss_cfg.rollout_is else None
-            loss, m = ppo_clip_loss(
-                logp_BT, old_logp_BT, adv_BT, mask_BT, clip_eps_low=loss_cfg.clip_eps_low,
-                clip_eps_high=loss_cfg.clip_eps_high, dual_clip_c=loss_cfg.dual_clip_c, is_weight_BT=w_BT,
-                agg=loss_cfg.aggregation, norm_len=rollout.response_ids_BT.shape[1],
-            )
-            if teacher_logp_BT is not None:
-                m["reverse_kl"] = float(masked_mean(old_logp_BT - teacher_logp_BT[sl], mask_BT))
-        weight = (mask_BT.sum() / total_tokens) if loss_cfg.aggregation == "token-mean" else (part.response_ids_BT.shape[0] / B)
+        part = batch.select(slice(i, i + mb))
+        loss, m = method.loss(cfg, models, part, denominator)
         last = i + mb >= B
         with accelerator.no_sync(models.student) if not last else contextlib.nullcontext():
-            accelerator.backward(loss * weight)
-        sums["loss"] += loss.item() * float(weight)
-        for key in ("clip_frac", "reverse_kl", "jsd", "nll"):
+            accelerator.backward(loss)
+        sums["loss"] += loss.item()
+        rows = part.rollout.response_ids_BT.shape[0]
+        share = (part.rollout.response_mask_BT.sum() / total_tokens) if cfg.loss.aggregation == "token-mean" else (rows / B)
+        for key in _MICRO_METRICS:
             if key in m:
-                sums[key] = sums.get(key, 0.0) + m[key] * float(weight)
-    out = {f"train/{k}": v for k, v in sums.items()}
-    out.update(batch.metrics or {})
-    if method not in SFT_METHODS and "train/reward" not in out:  # grpo/dapo scored their samples already
-        out["train/reward"] = sum(map(reward, rollout.texts, batch.golds)) / len(batch.golds)
-    out.update({"train/response_length": rollout.lengths_B.float().mean().item(), "time/score": t_score})
-    return out
+                sums[key] = sums.get(key, 0.0) + m[key] * float(share)
+    return {f"train/{k}": v for k, v in sums.items()}
 
+
+def mini_batches(batch: Batch, n: int) -> list[Batch]:
+    """``batch`` in ``n`` consecutive mini-batches of ceil(B / n) rows (fewer when B < n)."""
+    if n == 1:
+        return [batch]
+    size = math.ceil(len(batch) / n)
+    return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
+
+
+@dataclass
+class NonFiniteCount:
+    run: int = 0
+    """Consecutive updates skipped for a non-finite loss or gradient (0 after a good one)."""
+    total: int = 0
+
+
+def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Batch, optimizer, scheduler,
+             nonfinite: NonFiniteCount) -> dict:
+    """The batch's no-grad signals (``method.prepare``; ``lp_old`` when the batch gets several
+    updates), then ``loss.ppo_epochs`` passes over ``loss.mini_batches`` mini-batches, one
+    optimizer update each. An update whose loss or gradient is not finite is skipped (weights
+    and optimizer state stay as they were). Metrics are means over the updates."""
+    t0 = time.time()
+    if method.prepare is not None:
+        method.prepare(cfg, models, batch)
+    if method.ratio and updates_per_batch(cfg) > 1:
+        batch.signals["old_logp_BT"] = score_logprobs(models.student, batch.rollout, temperature=cfg.rollout.temperature,
+                                                      chunk_size=cfg.train.score_chunk_size)
+    t_score = time.time() - t0
+    updates = []
+    for _ in range(cfg.loss.ppo_epochs):
+        for mini in mini_batches(batch, cfg.loss.mini_batches):
+            m = accumulate_gradients(cfg, accelerator, models, method, mini)
+            m["train/grad_norm"] = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
+            if math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]):
+                optimizer.step()
+                scheduler.step()
+                nonfinite.run = 0
+            else:
+                nonfinite.run, nonfinite.total = nonfinite.run + 1, nonfinite.total + 1
+            optimizer.zero_grad(set_to_none=True)
+            updates.append(m)
+    out = updates[0] if len(updates) == 1 else {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    out.update(batch.metrics)
+    out.update({"train/response_length": batch.rollout.lengths_B.float().mean().item(), "time/score": t_score})
+    return out
 
 ANCHOR_FILE = "extrapolate_anchor.safetensors"
 
@@ -461,9 +357,33 @@ def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler
     accelerator.wait_for_everyone()
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) one training run in ``run_dir``; returns the final evaluation metrics."""
-    run_dir = Path(run_dir)
+@dataclass
+class Run:
+    """Everything one training run holds while it runs."""
+
+    cfg: Config
+    run_dir: Path
+    accelerator: Accelerator
+    method: Method
+    models: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: PromptSampler
+    log: MetricsLog
+    train_set: list
+    eval_set: list
+    val_set: list | None
+    extrapolator: Extrapolator | None
+    resume_from: Path | None
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.models.student)
+
+
+def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
+    """Check the inputs and load everything before the run directory is touched (a failed start
+    leaves nothing behind), then create it."""
     use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=use_cpu)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
@@ -483,115 +403,132 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
         init_run_dir(cfg, run_dir, overwrite)
     accelerator.wait_for_everyone()
 
-    optimizer = torch.optim.AdamW(
-        models.student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = _lr_scheduler(cfg, optimizer)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(models.student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
+                              num_training_steps=cfg.train.steps * updates_per_batch(cfg))
     models.student, optimizer, scheduler = accelerator.prepare(models.student, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(models.student)
-    sampler = PromptSampler(len(train_set), cfg.train.seed)
-    log = MetricsLog(run_dir / "metrics.jsonl", is_main)
     extrapolator = None
     if cfg.extrapolate.enabled:
-        extrapolator = make_extrapolator(cfg, unwrapped)
+        extrapolator = make_extrapolator(cfg, accelerator.unwrap_model(models.student))
         if is_main:
             n = sum(p.numel() for p in extrapolator.params.values())
             print(f"EffOPD: extrapolating {len(extrapolator.params)} tensors ({n:,} parameters) of types "
                   f"{cfg.extrapolate.modules}; validation on {min(len(val_set), cfg.extrapolate.val_prompts)} prompts")
+    return Run(cfg, run_dir, accelerator, METHODS[cfg.loss.method], models, optimizer, scheduler,
+               PromptSampler(len(train_set), cfg.train.seed), MetricsLog(run_dir / "metrics.jsonl", is_main),
+               train_set, eval_set, val_set, extrapolator, resume_from)
 
-    start = 0
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        start = state["step"]
-        if extrapolator is not None:
-            extrapolator.load_state_dict(state["extrapolate"], load_file(resume_from / ANCHOR_FILE))
-        ckpt.load_rng(resume_from, accelerator.process_index)
-        log.truncate_after(start)
-        if is_main:
-            print(f"resuming {run_dir} from {resume_from.name}")
-    elif is_main:
-        log.truncate_after(-1)
 
-    def maybe_eval(step: int) -> dict:
-        metrics = {}
-        if is_main:
-            metrics = evaluate_step(cfg, unwrapped, models.tokenizer, eval_set, run_dir, step)
-        accelerator.wait_for_everyone()
-        return metrics
+def restore(run: Run) -> int:
+    """Load the optimizer, scheduler, data order, EffOPD state and RNG of ``run.resume_from``
+    (the student weights were loaded from it already); returns its step (0 for a fresh run)."""
+    if run.resume_from is None:
+        if run.accelerator.is_main_process:
+            run.log.truncate_after(-1)
+        return 0
+    state = ckpt.load_state(run.resume_from)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    if run.extrapolator is not None:
+        run.extrapolator.load_state_dict(state["extrapolate"], load_file(run.resume_from / ANCHOR_FILE))
+    ckpt.load_rng(run.resume_from, run.accelerator.process_index)
+    run.log.truncate_after(state["step"])
+    if run.accelerator.is_main_process:
+        print(f"resuming {run.run_dir} from {run.resume_from.name}")
+    return state["step"]
 
-    if start == 0 and cfg.train.eval_every:
-        log.log(0, maybe_eval(0))
 
-    per_rank = cfg.rollout.batch_size // world
+def evaluate_now(run: Run, step: int) -> dict:
+    """Evaluate the student on the held-out set (main process) and write ``eval/step-N.jsonl``."""
+    metrics = {}
+    if run.accelerator.is_main_process:
+        metrics = evaluate_step(run.cfg, run.unwrapped, run.models.tokenizer, run.eval_set, run.run_dir, step)
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def drawer(run: Run):
+    """``draw(k)``: this process's share of the next global batch of prompts (every process
+    advances the shared order by the whole batch, so the replicas stay in step)."""
+    acc, world = run.accelerator, run.accelerator.num_processes
 
     def draw(k: int) -> list:
-        """This process's share of the next global batch of prompts (every process advances the
-        shared order by the whole batch, so the replicas stay in step)."""
-        idx = sampler.next(k * world)
-        return [train_set[i] for i in idx[accelerator.process_index * k : (accelerator.process_index + 1) * k]]
-    bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and is_main), initial=start, total=cfg.train.steps)
+        idx = run.sampler.next(k * world)
+        return [run.train_set[i] for i in idx[acc.process_index * k : (acc.process_index + 1) * k]]
+
+    return draw
+
+
+def extrapolate_now(run: Run, step: int) -> dict:
+    """One EffOPD search after the update of ``step``; its metrics."""
+    x = run.extrapolator
+    rec = x.search(step, validation_scorer(run.cfg, run.unwrapped, run.models, run.val_set, run.cfg.extrapolate.val_seed + len(x.history)))
+    return {**rec.metrics(), "extrapolate/total_seconds": x.total_seconds}
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    save_checkpoint(run.accelerator, run.cfg, run.run_dir, step, run.models, run.optimizer, run.scheduler, run.sampler,
+                    run.extrapolator)
+
+
+def loop(run: Run, start: int, progress: bool) -> dict:
+    """Steps ``start + 1 .. train.steps``; returns the final evaluation metrics."""
+    cfg, acc = run.cfg, run.accelerator
+    if start == 0 and cfg.train.eval_every:
+        run.log.log(0, evaluate_now(run, 0))
+    draw, per_rank = drawer(run), cfg.rollout.batch_size // acc.num_processes
+    bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and acc.is_main_process),
+               initial=start, total=cfg.train.steps)
     metrics: dict = {}
-    nonfinite_run, nonfinite_total = 0, 0
+    nonfinite = NonFiniteCount()
     with StopSignal() as stop:
         for step in bar:
             t_step = time.time()
-            t0 = time.time()
-            batch = assemble_batch(cfg, models, unwrapped, draw, per_rank)
-            t_rollout = time.time() - t0
+            batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
+            t_rollout = time.time() - t_step
 
             t0 = time.time()
-            metrics = policy_step(cfg, accelerator, models, batch)
-            grad_norm = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
-            if math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm):
-                optimizer.step()
-                scheduler.step()
-                nonfinite_run = 0
-            else:  # skip the update; the weights and the optimizer state stay as they were
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-            optimizer.zero_grad(set_to_none=True)
+            metrics = optimize(cfg, acc, run.models, run.method, batch, run.optimizer, run.scheduler, nonfinite)
             metrics.update({
-                "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                "train/nonfinite_skipped": nonfinite_total,
+                "train/lr": run.scheduler.get_last_lr()[0], "train/nonfinite_skipped": nonfinite.total,
                 "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
             })
-            if nonfinite_run >= cfg.train.max_nonfinite:
-                log.log(step, metrics)
-                last_good = ckpt.latest(run_dir / "checkpoints")
+            if nonfinite.run >= cfg.train.max_nonfinite:
+                run.log.log(step, metrics)
+                last_good = ckpt.latest(run.run_dir / "checkpoints")
                 raise NonFiniteError(
-                    f"{nonfinite_run} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
+                    f"{nonfinite.run} consecutive updates (up to step {step}) had a non-finite loss or gradient; "
                     f"stopping. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}. Lower optim.lr, "
                     "check the teacher's logprobs, or raise train.max_nonfinite"
                 )
-            if nonfinite_run == 0 and extrapolator is not None and extrapolator.should_trigger(step):
-                seed = cfg.extrapolate.val_seed + len(extrapolator.history)
-                rec = extrapolator.search(step, validation_scorer(cfg, unwrapped, models, val_set, seed))
-                metrics.update({
-                    "extrapolate/s0": rec.s0, "extrapolate/best": rec.best, "extrapolate/accepted_c": rec.accepted_c,
-                    "extrapolate/candidates": rec.candidates, "extrapolate/scores": rec.scores, "extrapolate/noise": rec.noise,
-                    "extrapolate/update_norm": rec.update_norm, "extrapolate/seconds": rec.seconds,
-                    "extrapolate/total_seconds": extrapolator.total_seconds,
-                })
+            if nonfinite.run == 0 and run.extrapolator is not None and run.extrapolator.should_trigger(step):
+                metrics.update(extrapolate_now(run, step))
             metrics["time/step"] = time.time() - t_step
 
             last = step == cfg.train.steps
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                metrics.update(maybe_eval(step))
-            log.log(step, metrics)
+                metrics.update(evaluate_now(run, step))
+            run.log.log(step, metrics)
             shown = {"reward": "train/reward", "kl": "train/reverse_kl", "nll": "train/nll", "eval": "eval/accuracy"}
             bar.set_postfix({k: f"{metrics[key]:.3f}" for k, key in shown.items() if key in metrics})
-            stopping = stop.requested(accelerator)
+            stopping = stop.requested(acc)
             if step % cfg.train.save_every == 0 or last or stopping:
-                save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator)
+                _checkpoint(run, step)
             if stopping and not last:
                 bar.close()
-                name = signal.Signals(stop.signum).name
                 raise TrainingInterrupted(
-                    f"stopped by {name} after step {step}; checkpoint {run_dir / 'checkpoints' / f'step-{step}'} "
-                    f"written. Continue with: effopd train --run-dir {run_dir} --resume", stop.signum,
+                    f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint "
+                    f"{run.run_dir / 'checkpoints' / f'step-{step}'} written. Continue with: effopd train --run-dir "
+                    f"{run.run_dir} --resume", stop.signum,
                 )
     bar.close()
-    accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
     return {k: v for k, v in metrics.items() if k.startswith("eval/")}
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) one training run in ``run_dir``; returns the final evaluation metrics."""
+    run = setup(cfg, Path(run_dir), resume, overwrite)
+    return loop(run, restore(run), progress)

@@ -1,0 +1,283 @@
+"""The training methods, one record each, registered in ``METHODS`` at the bottom of this file.
+
+A ``Method`` says what it needs loaded, which loss settings it fills when they are left null,
+how it assembles the batch of one update, what it computes once per batch without gradient
+(teacher and base logprobs, advantages), and its loss on one micro-batch. The trainer
+(``train.py``) knows no method by name: it calls ``assemble``, then ``prepare``, then ``loss``
+on each micro-batch. Adding a method is one record here (and its math in ``losses.py``).
+
+Every loss of a micro-batch is divided by the normaliser of the whole (mini-)batch
+(``losses.aggregation_denominator``), so the gradients summed over micro-batches equal one pass
+over the whole batch, for every aggregation.
+
+Temperatures: the student's logprobs and logits of a sampled response are taken at
+``rollout.temperature`` (the distribution it was sampled from); the teacher and the base score
+at temperature 1 for OPD and G-OPD (the advantage is the log-ratio to the teacher's own
+distribution), while GKD compares the two next-token distributions with both tempered alike.
+SFT learns the untempered distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from effopd.losses import (
+    aggregation_denominator, generalized_jsd, gopd_advantages, group_advantages, informative_groups, masked_mean,
+    opd_advantages, overlong_penalty, ppo_clip_loss, sft_loss, token_is_weight,
+)
+from effopd.rewards import reward
+from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
+from effopd.scoring import gather_logprobs, response_logits, token_logprobs
+from effopd.scoring import score as score_logprobs
+
+
+@dataclass
+class Models:
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    base: torch.nn.Module | None
+    tokenizer: object
+
+
+@dataclass
+class Batch:
+    """What one update trains on: the sequences, their reference answers, per-row tensors
+    computed once per batch (``signals``: teacher/base/old logprobs ``(B, T)``, sequence
+    advantages ``(B,)``), and for grpo/dapo the reward of each sequence, grouped by prompt in
+    consecutive runs of ``group_size`` rows."""
+
+    rollout: Rollout
+    golds: list[str]
+    rewards_B: torch.Tensor | None = None
+    group_size: int = 1
+    metrics: dict = field(default_factory=dict)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.golds)
+
+    def select(self, rows: slice) -> "Batch":
+        """Rows ``rows`` of everything (for mini- and micro-batches)."""
+        return Batch(self.rollout.select(rows), self.golds[rows],
+                     None if self.rewards_B is None else self.rewards_B[rows], self.group_size, self.metrics,
+                     {k: v[rows] for k, v in self.signals.items()})
+
+
+Draw = Callable[[int], list]
+"""``draw(k)``: the next k training examples of this process."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    assemble: Callable[..., Batch]
+    """``assemble(cfg, models, student, draw, k) -> Batch`` from k prompts."""
+    loss: Callable[..., tuple[torch.Tensor, dict]]
+    """``loss(cfg, models, part, denominator) -> (loss, metrics)`` of one micro-batch ``part``."""
+    prepare: Callable[..., None] | None = None
+    """``prepare(cfg, models, batch)``: per-batch tensors without gradient, into ``batch.signals``."""
+    needs_teacher: bool = False
+    needs_base: bool = False
+    group: bool = False
+    """n responses per prompt form a group that the loss compares (needs rollout.n >= 2)."""
+    ratio: bool = False
+    """The loss is a clipped ratio to the sampling-time policy (``lp_old``)."""
+    defaults: dict = field(default_factory=dict)
+    """``loss.*`` values filled when the config leaves them null (explicit values win)."""
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+
+def _sample(cfg, models: Models, model, examples) -> Rollout:
+    r = cfg.rollout
+    return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature, top_p=r.top_p)
+
+
+def _repeat(cfg, examples) -> list:
+    return [e for e in examples for _ in range(cfg.rollout.n)]
+
+
+def student_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
+    """The student samples rollout.n responses to each of k prompts; logs their reward."""
+    examples = _repeat(cfg, draw(k))
+    ro = _sample(cfg, models, student, examples)
+    golds = [e.answer for e in examples]
+    return Batch(ro, golds, metrics={"train/reward": sum(map(reward, ro.texts, golds)) / len(golds)})
+
+
+def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
+    """The teacher samples the responses (off-policy distillation); logs their reward."""
+    examples = _repeat(cfg, draw(k))
+    ro = _sample(cfg, models, models.teacher, examples)
+    golds = [e.answer for e in examples]
+    return Batch(ro, golds, metrics={"train/target_reward": sum(map(reward, ro.texts, golds)) / len(golds)})
+
+
+def worked_solutions(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
+    """The data's own worked solutions (``data.solution_field``), teacher-forced."""
+    examples = draw(k)
+    missing = [e for e in examples if e.solution is None]
+    if missing:
+        raise ValueError(
+            f"loss.method=sft-gt trains on worked solutions, but {missing[0].source or 'a training example'} has none; "
+            f"add a `{cfg.data.solution_field}` field to data.train (or set data.solution_field)"
+        )
+    ro = from_completions(models.tokenizer, [e.prompt for e in examples], [e.solution for e in examples])
+    return Batch(ro, [e.answer for e in examples])
+
+
+def sample_rewards(cfg, rollout: Rollout, golds: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(verifiable outcome reward, outcome + overlong penalty) per sampled response."""
+    outcome_B = torch.tensor([reward(t, g) for t, g in zip(rollout.texts, golds)], dtype=torch.float32)
+    total_B = outcome_B
+    if cfg.loss.overlong_penalty > 0:
+        total_B = outcome_B + overlong_penalty(rollout.lengths_B.cpu(), cfg.rollout.max_new_tokens,
+                                               cfg.loss.overlong_buffer, cfg.loss.overlong_penalty)
+    return outcome_B, total_B
+
+
+def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
+    """The student samples groups of rollout.n responses, each scored by the verifier. With
+    ``loss.dynamic_sampling``, groups whose rewards are all equal are dropped and fresh prompts
+    are sampled until the batch is full again (at most ``loss.max_sample_rounds`` rounds)."""
+    n = cfg.rollout.n
+    examples = _repeat(cfg, draw(k))
+    ro, golds = _sample(cfg, models, student, examples), [e.answer for e in examples]
+    outcome_B, total_B = sample_rewards(cfg, ro, golds)
+    if not cfg.loss.dynamic_sampling:
+        return Batch(ro, golds, total_B, n, {"train/reward": outcome_B.mean().item()})
+
+    parts, kept_golds, kept_rewards, all_outcomes, rounds = [], [], [], [outcome_B], 1
+    while True:
+        keep_G = informative_groups(total_B, n)
+        rows = keep_G.repeat_interleave(n).nonzero().squeeze(-1)
+        parts.append(ro.select(rows))
+        kept_golds += [golds[i] for i in rows.tolist()]
+        kept_rewards.append(total_B[rows])
+        if len(kept_golds) >= k * n or rounds >= cfg.loss.max_sample_rounds:
+            break
+        examples = _repeat(cfg, draw(k))
+        ro, golds, rounds = _sample(cfg, models, student, examples), [e.answer for e in examples], rounds + 1
+        outcome_B, total_B = sample_rewards(cfg, ro, golds)
+        all_outcomes.append(outcome_B)
+    metrics = {"train/reward": torch.cat(all_outcomes).mean().item(), "train/sample_rounds": rounds}
+    if not kept_golds:  # nothing informative: every advantage is 0, the update is weight decay alone
+        metrics["train/kept_groups"] = 0
+        return Batch(ro, golds, total_B, n, metrics)
+    kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id)
+    n_rows = min(len(kept_golds), k * n)
+    metrics["train/kept_groups"] = n_rows // n
+    return Batch(kept.select(slice(0, n_rows)), kept_golds[:n_rows], torch.cat(kept_rewards)[:n_rows], n, metrics)
+
+
+# ---- per-batch signals (no gradient) -----------------------------------------------------------
+
+
+def teacher_logprobs(cfg, models: Models, batch: Batch) -> None:
+    batch.signals["teacher_logp_BT"] = score_logprobs(models.teacher, batch.rollout, chunk_size=cfg.train.score_chunk_size)
+
+
+def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
+    teacher_logprobs(cfg, models, batch)
+    batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, chunk_size=cfg.train.score_chunk_size)
+
+
+def sequence_advantages(cfg, models: Models, batch: Batch) -> None:
+    batch.signals["seq_adv_B"] = group_advantages(batch.rewards_B, batch.group_size, std_norm=cfg.loss.std_norm)
+
+
+# ---- losses of one micro-batch -----------------------------------------------------------------
+
+
+def _opd(part: Batch, old_logp_BT, mask_BT, cfg):
+    return opd_advantages(part.signals["teacher_logp_BT"], old_logp_BT, mask_BT)
+
+
+def _gopd(part: Batch, old_logp_BT, mask_BT, cfg):
+    s = part.signals
+    return gopd_advantages(s["teacher_logp_BT"], old_logp_BT, s["base_logp_BT"], mask_BT, cfg.loss.lam)
+
+
+def _sequence(part: Batch, old_logp_BT, mask_BT, cfg):
+    """The sequence's advantage on each of its tokens (GRPO/DAPO)."""
+    return part.signals["seq_adv_B"].to(mask_BT.device)[:, None] * mask_BT
+
+
+def policy_gradient(advantages: Callable) -> Callable:
+    """The clipped policy loss with per-token advantages from ``advantages(part, lp_old, mask, cfg)``.
+    ``lp_old`` is the sampling-time logprob: precomputed when a batch gets several updates
+    (``signals["old_logp_BT"]``), else the detached current logprob (then the ratio is 1)."""
+
+    def loss(cfg, models: Models, part: Batch, denominator):
+        lc, ro = cfg.loss, part.rollout
+        mask_BT = ro.response_mask_BT.to(next(models.student.parameters()).device)
+        logp_BT = token_logprobs(models.student, ro, temperature=cfg.rollout.temperature)
+        old_logp_BT = part.signals["old_logp_BT"].to(logp_BT.device) if "old_logp_BT" in part.signals else logp_BT.detach()
+        adv_BT = advantages(part, old_logp_BT, mask_BT, cfg)
+        w_BT = token_is_weight(old_logp_BT, ro.logp_BT.to(old_logp_BT.device), lc.is_cap) if lc.rollout_is else None
+        out, m = ppo_clip_loss(
+            logp_BT, old_logp_BT, adv_BT, mask_BT, clip_eps_low=lc.clip_eps_low, clip_eps_high=lc.clip_eps_high,
+            dual_clip_c=lc.dual_clip_c, is_weight_BT=w_BT, agg=lc.aggregation, norm_len=cfg.rollout.max_new_tokens,
+            denominator=denominator,
+        )
+        if "teacher_logp_BT" in part.signals:
+            m["reverse_kl"] = float(masked_mean(logp_BT.detach() - part.signals["teacher_logp_BT"], mask_BT))
+        return out, m
+
+    return loss
+
+
+def gkd_loss(cfg, models: Models, part: Batch, denominator):
+    """Generalized JSD between teacher and student next-token distributions (both at
+    rollout.temperature), plus the sampled tokens' reverse KL as a metric."""
+    ro, t = part.rollout, cfg.rollout.temperature
+    logits_BTV = response_logits(models.student, ro, t)
+    mask_BT = ro.response_mask_BT.to(logits_BTV.device)
+    with torch.no_grad():
+        teacher_logits_BTV = response_logits(models.teacher, ro, t)
+    out, m = generalized_jsd(logits_BTV, teacher_logits_BTV, mask_BT, beta=cfg.loss.gkd_beta, top_k=cfg.loss.gkd_top_k,
+                             agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
+    with torch.no_grad():
+        m["reverse_kl"] = masked_mean(gather_logprobs(logits_BTV, ro) - gather_logprobs(teacher_logits_BTV, ro), mask_BT).item()
+    return out, m
+
+
+def nll_loss(cfg, models: Models, part: Batch, denominator):
+    """Cross-entropy of the batch's responses under the (untempered) student."""
+    logp_BT = token_logprobs(models.student, part.rollout)
+    mask_BT = part.rollout.response_mask_BT.to(logp_BT.device)
+    return sft_loss(logp_BT, mask_BT, agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
+
+
+def micro_batch_denominator(cfg, batch: Batch) -> float:
+    """The whole (mini-)batch's normaliser of ``loss.aggregation``."""
+    return aggregation_denominator(batch.rollout.response_mask_BT, cfg.loss.aggregation)
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+_PG = {"aggregation": "token-mean", "clip_eps_high": None, "dynamic_sampling": False, "overlong_penalty": 0.0}
+"""Loss defaults of every method unless its record says otherwise (clip_eps_high None = clip_eps_low)."""
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("opd", student_samples, policy_gradient(_opd), prepare=teacher_logprobs, needs_teacher=True, ratio=True),
+    Method("gopd", student_samples, policy_gradient(_gopd), prepare=teacher_and_base_logprobs, needs_teacher=True,
+           needs_base=True, ratio=True),
+    Method("gkd", student_samples, gkd_loss, needs_teacher=True),
+    Method("grpo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
+           defaults={"aggregation": "seq-mean-token-mean"}),
+    Method("dapo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
+           defaults={"clip_eps_high": 0.28, "dynamic_sampling": True, "overlong_penalty": 1.0}),
+    Method("sft", teacher_samples, nll_loss, needs_teacher=True),
+    Method("sft-gt", worked_solutions, nll_loss),
+)}
+
+
+def method_defaults(name: str) -> dict:
+    """The loss defaults of method ``name`` (the shared ones, overridden by its record's)."""
+    return {**_PG, **METHODS[name].defaults}
