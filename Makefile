@@ -27,12 +27,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/effopd demo
 
-# The report test renders HTML in headless Chromium (Debian's chromium); installed here when
-# apt-get is available as root, otherwise that one test is skipped with the reason.
+# The report test renders HTML in headless Chromium (Debian's chromium). This target installs it
+# with apt-get when it is missing and this runs as root; a failed install stops `make test`. Where
+# it cannot be installed, CI (CI=true) stops here too, and elsewhere that one test is skipped.
 browser:
-	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "installing chromium for the report rendering test"; \
-		apt-get update -qq && apt-get install -y -qq chromium fonts-liberation >/dev/null; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq chromium fonts-liberation >/dev/null \
+			|| { echo "error: apt-get could not install chromium (see above); make test stops here" >&2; exit 1; }; \
+		command -v chromium >/dev/null 2>&1 \
+			|| { echo "error: chromium was installed but is not on PATH; make test stops here" >&2; exit 1; }; \
+	elif [ "$${CI:-}" = true ]; then \
+		echo "error: CI=true and chromium is missing, and it cannot be installed here (needs apt-get as root)" >&2; \
+		exit 1; \
+	else \
+		echo "chromium not found and not installable here (needs apt-get as root): the report rendering test will be skipped"; \
 	fi
 
 test: $(STAMP) browser

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_overrides
 from effopd import cli
 from effopd.bootstrap import BootstrapConfig, bootstrap
 from effopd.data.loaders import load_examples
@@ -59,9 +60,8 @@ def test_reduced_bootstrap_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_analyze_a_training_run(tiny_models, tmp_path):
     run = tmp_path / "run"
-    overrides = [f"model.student={tiny_models['student']}", f"model.teacher={tiny_models['teacher']}", "train.steps=3",
-                 "train.save_every=1", "train.eval_every=0", "rollout.batch_size=4", "rollout.max_new_tokens=8",
-                 "data.eval_limit=4", "eval.max_new_tokens=8", "optim.lr=1e-2"]
+    overrides = tiny_overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 0, "rollout.max_new_tokens": 8,
+                                               "data.eval_limit": 4, "eval.max_new_tokens": 8})
     assert cli.main(["train", "--run-dir", str(run), "--no-progress", *overrides]) == 0
     out = tmp_path / "analysis"
     code = cli.main(["analyze", "--base", tiny_models["student"], "--checkpoints", str(run / "checkpoints"),

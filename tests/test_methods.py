@@ -3,13 +3,10 @@ and how each method assembles its batch."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-
-from safetensors.torch import load_file
 
 from effopd import cli
 from effopd import methods as methods_mod
@@ -18,6 +15,8 @@ from effopd.config import ConfigError, list_presets, load_config, preset_path
 from effopd.data.example import Example
 from effopd.losses import group_advantages, overlong_penalty
 from effopd.methods import METHODS, Models
+
+from conftest import checkpoint_weights, metrics_rows, tiny_overrides
 
 EMBEDDED_PRESETS = ["opd", "opd-effopd", "gopd", "gkd", "grpo", "dapo", "sft", "sft-gt"]
 METHOD_KEYS = {  # metrics that only this preset's runs log
@@ -31,13 +30,7 @@ def assemble_batch(cfg, models, student, draw, k):
 
 
 def _tiny(tiny_models, **extra) -> list[str]:
-    base = {
-        "model.student": tiny_models["student"], "model.teacher": tiny_models["teacher"],
-        "rollout.batch_size": 4, "rollout.max_new_tokens": 10, "data.eval_limit": 8, "eval.max_new_tokens": 10,
-        "train.steps": 2, "train.eval_every": 1, "train.save_every": 1, "optim.lr": 1e-2, "extrapolate.val_prompts": 4,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_overrides(tiny_models, **{"extrapolate.val_prompts": 4, **extra})
 
 
 def test_presets_are_the_shipped_files():
@@ -112,7 +105,7 @@ def method_runs(tiny_models, tmp_path_factory):
             extra = {"rollout.batch_size": 2, "rollout.n": 2} if name in ("grpo", "dapo") else {}
             run = root / name
             code = cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *_tiny(tiny_models, **extra)])
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
+            rows = metrics_rows(run) if code == 0 else []
             runs[name] = {"code": code, "dir": run, "rows": rows}
     finally:
         mp.undo()
@@ -141,7 +134,7 @@ def test_every_method_trains_differently(method_runs):
     """Same student, data and seed: each method's loss moves the weights somewhere else, so a
     method wired to another's batch or loss would show here. (OPD + EffOPD equals OPD on random
     models, which never pass validation: that is tested in test_train.py.)"""
-    weights = {n: load_file(method_runs[n]["dir"] / "checkpoints" / "step-2" / "model.safetensors")
+    weights = {n: checkpoint_weights(method_runs[n]["dir"], 2)
                for n in EMBEDDED_PRESETS if n != "opd-effopd"}
     names = sorted(weights)
     for i, a in enumerate(names):
@@ -250,7 +243,7 @@ def test_effopd_switches_on_for_a_baseline(name, tiny_models, tmp_path):
     run = tmp_path / name
     args = _tiny(tiny_models, **extra, **{"extrapolate.enabled": "true", "model.teacher": "/nonexistent"})
     assert cli.main(["train", "--preset", name, "--run-dir", str(run), "--no-progress", *args]) == 0
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     searches = [r for r in rows if "extrapolate/s0" in r]
     assert [r["step"] for r in searches] == [1, 2]  # triggered at steps 1 and 2, scored without a teacher
     assert (run / "checkpoints" / "step-2" / "extrapolate_anchor.safetensors").exists()

@@ -39,5 +39,6 @@ def test_embedded_models_load_and_share_vocab():
     student, teacher = load_model("embedded", "student"), load_model("embedded", "teacher")
     s, t = dict(student.named_parameters()), dict(teacher.named_parameters())
     assert {n: p.shape for n, p in s.items()} == {n: p.shape for n, p in t.items()}  # same architecture
-    assert any(not torch.equal(s[n], t[n]) for n in s)  # the teacher is post-trained
+    # the student is the teacher after one more SFT stage on mostly bare answers (bootstrap.py): different weights
+    assert any(not torch.equal(s[n], t[n]) for n in s)
 

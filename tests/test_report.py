@@ -1,4 +1,5 @@
-"""The HTML report on synthetic runs with a known answer (see effopd.analysis.synthetic).
+"""The HTML report on synthetic runs with a known answer (see effopd.analysis.synthetic; built
+once per session by conftest.make_report_run).
 
 "opd": only q, v, up and down move, along a fixed rank-2 direction, checkpoints at steps 4, 10
 and 40 (the first at 10% of training), analysed with an evaluation whose accuracy is
@@ -8,97 +9,23 @@ noise, analysed without evaluation. "bare": metrics.jsonl only, no analysis.
 """
 
 import argparse
-import contextlib
 import base64
+import contextlib
 import json
-import math
 import re
-import statistics
 import warnings
 
 import pytest
-import torch
-import transformers as tf
-from safetensors.torch import load_file
 
-from effopd.analysis import analyze, synthetic
 import effopd.report.verdict as V
+from conftest import REPORT_STEPS, make_report_runs, write_metrics
 from effopd.report import SECTION_IDS, ReportError, add_arguments, build_report, run
 from effopd.report.load import load_run
-
-STEPS = [4, 10, 40]
-
-
-def projection_eval(base, final):
-    b, f = load_file(base / "model.safetensors"), load_file(final / "model.safetensors")
-    D = {k: f[k].double() - b[k].double() for k in b}
-    den = sum(float((d * d).sum()) for d in D.values())
-
-    def eval_fn(model_dir):
-        m = load_file(model_dir / "model.safetensors")
-        proj = sum(float(((m[k].double() - b[k].double()) * D[k]).sum()) for k in D) / den
-        return {"accuracy": 0.2 + 0.6 * proj}
-
-    return eval_fn
-
-
-def write_metrics(run_dir, steps=40, effopd=True, seed=0):
-    """A plausible metrics.jsonl: eval every 10 steps, EffOPD searches at powers of two."""
-    g = torch.Generator().manual_seed(seed)
-    rows = [{"step": 0, "eval/accuracy": 0.2, "eval/mean_length": 30.0}]
-    searches = 0
-    for s in range(1, steps + 1):
-        r = float(torch.rand(1, generator=g))
-        row = {"step": s, "train/loss": r, "train/reverse_kl": 1 / math.sqrt(s), "train/reward": 0.2 + s / 60 + 0.1 * r,
-               "train/response_length": 40 - s / 4, "train/grad_norm": 1.0, "train/lr": 1e-5, "time/step": 0.5,
-               "time/rollout": 0.3, "time/score": 0.1, "time/update": 0.1}
-        if effopd and s & (s - 1) == 0:
-            searches += 1
-            row.update({"extrapolate/s0": 0.3, "extrapolate/best": 0.4, "extrapolate/accepted_c": 3.0,
-                        "extrapolate/candidates": [3.0, 5.0], "extrapolate/scores": [0.4, 0.35], "extrapolate/noise": 0.02,
-                        "extrapolate/update_norm": 0.1 * s, "extrapolate/seconds": 1.5, "extrapolate/total_seconds": 1.5 * searches})
-        if s % 10 == 0:
-            row.update({"eval/accuracy": 0.2 + s / 80, "eval/mean_length": 30 - s / 10, "eval/avg@1": 0.2 + s / 80})
-        rows.append(row)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def make_run(tmp_path_factory, name):
-    """Build one of the run directories "opd", "rl", "bare" (and the shared base) once per
-    session, under the session's base temp dir, so that both report test modules reuse them."""
-    root = tmp_path_factory.getbasetemp() / "report-runs"
-    d = root / name
-    if (root / f"{name}.done").exists():
-        return d
-    torch.set_num_threads(1)
-    base = root / "base"
-    if not (root / "base.done").exists():
-        cfg = tf.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
-        synthetic.write_base(cfg, base)
-        (root / "base.done").write_text("")
-    if name == "opd":
-        ck = synthetic.write_run(base, d / "checkpoints", STEPS, rank=2, noise=0.02, types=("q", "v", "up", "down"))
-        analyze(base, ck, d / "analysis", rank=2, eval_fn=projection_eval(base, ck[-1][1]), alphas=(0, 1, 3, 8),
-                fracs=(0.1,), window=1, progress=False)
-        (d / "config.yaml").write_text("loss:\n  method: opd\nextrapolate:\n  enabled: true\n")
-    elif name == "rl":
-        ck = synthetic.write_run(base, d / "checkpoints", STEPS, rank=8, noise=0.5, seed=1)
-        analyze(base, ck, d / "analysis", rank=2, progress=False)
-        (d / "config.yaml").write_text("loss:\n  method: grpo\nextrapolate:\n  enabled: false\n")
-    d.mkdir(parents=True, exist_ok=True)
-    write_metrics(d, effopd=name == "opd", seed=len(name))
-    (root / f"{name}.done").write_text("")
-    return d
-
-
-def make_runs(tmp_path_factory, names=("opd", "rl", "bare")):
-    return [make_run(tmp_path_factory, n) for n in names][0].parent
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return make_runs(tmp_path_factory)
+    return make_report_runs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -156,55 +83,71 @@ def test_single_run_has_every_section(reports):
     assert "eff. rank / min(m, n)" in html and "effective rank" in html
 
 
-def hand_verdict(a):
-    """The three verdict numbers, recomputed from analysis.json by the rules in the docs."""
-    types = a["settings"]["types"]
-    params = {}
-    for m in a["modules"].values():
-        if m["type"] in types:
-            params[m["type"]] = params.get(m["type"], 0) + math.prod(m["shape"])
-    per_param = {t: a["magnitude"]["by_type"][t]["share"][-1] / n for t, n in params.items()}
-    adjusted = sorted((v / sum(per_param.values()) for v in per_param.values()), reverse=True)
-    lift = sum(adjusted[:2]) / (2 / len(adjusted))
-    fracs = [m["effective_rank_frac"][-1] for m in a["spectrum"]["per_module"].values() if m["effective_rank_frac"][-1] is not None]
-    locks = [m["lock_in_step"] for m in a["alignment"]["per_module"].values() if m["lock_in_step"] is not None]
-    rec = [r["recovery"] for r in a["eval"]["scaling"] if r["step"] == a["steps"][0] and r["alpha"] > 1] if a["eval"]["ran"] else []
-    return {"lift": lift, "top_share": sum(adjusted[:2]), "rank_frac": statistics.median(fracs),
-            "lock_frac": statistics.median(locks) / a["steps"][-1], "best_recovery": max(rec) if rec else None}
+def test_thresholds_are_the_ones_the_hand_computations_below_assume():
+    assert (V.CONCENTRATION_TOP_K, V.CONCENTRATION_MIN_LIFT) == (2, 1.5)
+    assert (V.RANK_FRAC_MAX, V.LOCK_IN_MAX_FRAC, V.MIN_CAPTURED_ENERGY, V.RECOVERY_MIN) == (0.25, 0.25, 0.9, 0.5)
 
 
-def test_verdict_numbers_match_the_json_by_hand(runs, reports):
+def test_verdict_on_a_run_built_to_say_yes(runs, reports):
+    """The "opd" run is built so that all three answers are "yes" (numbers worked out by hand).
+
+    Concentration: D has ‖D‖_F = 0.05‖W_0‖_F and every W_0 entry is drawn with the same std, so
+    the update energy per parameter is the same in the 4 moving types (q, v, up, down) and zero in
+    the 3 others (k, o, gate): each moving type holds 1/4 of the per-parameter energy, the top 2
+    hold C = 1/2, the uniform share of 2 of 7 types is 2/7, lift = (1/2)/(2/7) = 7/4 = 1.75 ≥ 1.5.
+    Lock-in: D has two singular values in the ratio 1 : 1/2, effective rank
+    exp(H(2/3, 1/3)) = exp(0.6365) = 1.89; the 2% noise only spreads the spectrum, so the
+    median over the moving modules (6 of the 8 are 16 wide, 2 are 8 wide) is at least
+    1.89/16 = 0.118 and well below 0.25. The direction is fixed from the first checkpoint, so
+    every moving module locks in at step 4 = 4/40 = 10% of training ≤ 25%.
+    Extrapolation: accuracy 0.2 + 0.6·α·t/T, so scaling step 4 (t/T = 0.1) by α recovers
+    α·0.1 of the gain: 0.8 at α = 8 (≥ 0.5), the checkpoint itself (α = 1) 0.1."""
     opd = load_run(runs / "opd")
-    a, answers = opd.analysis, {x.key: x for x in V.verdict(opd)}
-    h = hand_verdict(a)
-    # 4 of 7 types move alike per parameter: top-2 hold 2/4, uniform 2/7, lift 7/4
-    assert h["lift"] == pytest.approx(7 / 4, rel=0.15)  # up to the spread of random W_0 norms
-    assert answers["concentration"].numbers["lift"] == pytest.approx(h["lift"])
-    assert answers["concentration"].answer == "yes"
-    # rank-2 update in 16- and 32-wide matrices; every moving module locks in at step 4 = 10% of T
-    assert answers["lock_in"].numbers["rank_frac"] == pytest.approx(h["rank_frac"]) and h["rank_frac"] < V.RANK_FRAC_MAX
-    assert answers["lock_in"].numbers["lock_frac"] == pytest.approx(h["lock_frac"]) == 0.1
-    assert answers["lock_in"].answer == "yes"
-    # recovery of step 4 (t/T = 0.1) scaled by α = 8 is about 0.8
-    assert answers["extrapolation"].numbers["best_recovery"] == pytest.approx(h["best_recovery"])
-    assert h["best_recovery"] == pytest.approx(0.8, abs=0.05) and answers["extrapolation"].numbers["best_alpha"] == 8
-    assert answers["extrapolation"].answer == "yes"
-    # the page states the numbers and the thresholds
+    answers = {x.key: x for x in V.verdict(opd)}
+    conc, lock, ext = answers["concentration"], answers["lock_in"], answers["extrapolation"]
+
+    assert conc.answer == "yes"
+    assert conc.numbers["uniform"] == pytest.approx(2 / 7)
+    assert conc.numbers["top_share"] == pytest.approx(1 / 2, rel=0.15)  # up to the spread of random W_0 norms
+    assert conc.numbers["lift"] == pytest.approx(7 / 4, rel=0.15)
+    assert set(conc.numbers["top_types"]) <= {"q", "v", "up", "down"}
+    assert all(conc.numbers["adjusted_shares"][t] < 0.01 for t in ("k", "o", "gate"))
+
+    assert lock.answer == "yes"
+    assert 1.89 / 16 <= lock.numbers["rank_frac"] < 0.25
+    assert lock.numbers["lock_in_step"] == REPORT_STEPS[0] == 4 and lock.numbers["lock_frac"] == 0.1
+    moving = {n: m for n, m in opd.analysis["alignment"]["per_module"].items()
+              if opd.analysis["modules"][n]["type"] in ("q", "v", "up", "down")}
+    assert len(moving) == 8 and all(m["lock_in_step"] == 4 for m in moving.values())
+
+    assert ext.answer == "yes"
+    assert ext.numbers["step"] == 4 and ext.numbers["best_alpha"] == 8
+    assert ext.numbers["best_recovery"] == pytest.approx(0.8, abs=0.05)
+    assert ext.numbers["own_recovery"] == pytest.approx(0.1, abs=0.05)
+
+    # the page states the rules' numbers and the thresholds
     verdict_html = reports["one"].split('<section id="verdict">')[1].split("</section>")[0]
-    for text in (f"{100 * h['top_share']:.0f}% of the update per parameter", f"{h['lift']:.2f}×",
-                 f"threshold: ≥ {V.CONCENTRATION_MIN_LIFT:g}×", f"= {100 * h['rank_frac']:.0f}% of min(m, n)",
-                 f"threshold: &lt; {100 * V.RANK_FRAC_MAX:.0f}%", "= 10% of the 40 steps",
-                 f"recovers {100 * h['best_recovery']:.0f}% of the final gain", f"threshold: ≥ {100 * V.RECOVERY_MIN:.0f}%"):
+    for text in (f"{100 * conc.numbers['top_share']:.0f}% of the update per parameter", f"{conc.numbers['lift']:.2f}×",
+                 "threshold: ≥ 1.5×", f"= {100 * lock.numbers['rank_frac']:.0f}% of min(m, n)", "threshold: &lt; 25%",
+                 "median lock-in at step 4 = 10% of the 40 steps", "by α = 8",
+                 f"recovers {100 * ext.numbers['best_recovery']:.0f}% of the final gain", "threshold: ≥ 50%"):
         assert text in verdict_html, text
     assert verdict_html.count('class="badge yes"') == 3
 
 
-def test_high_rank_unevaluated_run(runs):
+def test_verdict_on_a_run_built_to_say_no(runs):
+    """The "rl" run: every one of the 7 types moves alike per parameter, so each holds 1/7 of the
+    per-parameter energy, the top 2 hold 2/7 = their uniform share: lift 1 < 1.5. Its rank-8
+    direction has singular values ∝ 1, 1/2, ..., 1/8: p_i = (1/i)/H_8 with H_8 = 2.718, entropy
+    ln H_8 + Σ (ln i / i)/H_8 = 1.000 + 2.218/2.718 = 1.816, effective rank e^1.816 = 6.15 before
+    the (heavy) noise spreads it further: at least 6.15/16 = 0.38 of min(m, n) > 0.25. It was
+    analysed without evaluation."""
     rl = load_run(runs / "rl")
     answers = {x.key: x for x in V.verdict(rl)}
-    h = hand_verdict(rl.analysis)
-    assert answers["concentration"].answer == "no" and answers["concentration"].numbers["lift"] == pytest.approx(h["lift"])
-    assert answers["lock_in"].answer == "no" and h["rank_frac"] > V.RANK_FRAC_MAX
+    assert answers["concentration"].answer == "no"
+    assert answers["concentration"].numbers["lift"] == pytest.approx(1.0, rel=0.15)
+    assert answers["concentration"].numbers["uniform"] == pytest.approx(2 / 7)
+    assert answers["lock_in"].answer == "no" and answers["lock_in"].numbers["rank_frac"] >= 6.15 / 16
     assert answers["extrapolation"].answer == "unknown" and "did not run" in answers["extrapolation"].text
 
 
@@ -265,39 +208,121 @@ def test_errors_and_cli_pair(runs, tmp_path, capsys):
     assert "effopd report: mine" in (tmp_path / "cli.html").read_text()
 
 
-def scaling_analysis(recoveries, own=None, ran=True):
+def scaling_analysis(recoveries, own=None, ran=True, efficiency=None):
     rows = [{"step": 5, "alpha": al, "recovery": r} for al, r in recoveries.items()]
     if own is not None:
         rows.append({"step": 5, "alpha": 1, "recovery": own})
     rows.append({"step": 9, "alpha": 10, "recovery": 1.0})  # a later checkpoint does not count
-    return {"steps": [5, 9, 50], "eval": {"ran": ran, "scaling": rows, "reason": "off"}}
+    ev = {"ran": ran, "scaling": rows, "reason": "off"}
+    if efficiency is not None:  # accuracies (base, step 5, final): the α = 1 recovery when no α = 1 row
+        acc0, acc5, accT = efficiency
+        ev.update({"base": {"accuracy": acc0}, "checkpoints": [{"accuracy": acc5}, {"accuracy": accT}],
+                   "efficiency": [{"step": 5, "accuracy": acc5}, {"step": 50, "accuracy": accT}]})
+    return {"steps": [5, 9, 50], "eval": ev}
 
 
 def test_extrapolation_rule_edges():
-    assert V.extrapolation(scaling_analysis({2: 0.6}, own=0.1)).answer == "yes"
-    assert V.extrapolation(scaling_analysis({2: 0.4}, own=0.1)).answer == "no"  # below RECOVERY_MIN
-    assert V.extrapolation(scaling_analysis({2: 0.6}, own=0.7)).answer == "no"  # no better than the checkpoint
-    assert V.extrapolation(scaling_analysis({2: None})).answer == "unknown"  # final model gained nothing
-    assert V.extrapolation(scaling_analysis({2: 0.9}, ran=False)).answer == "unknown"
+    def answer(*args, **kwargs):
+        return V.extrapolation(scaling_analysis(*args, **kwargs)).answer
+
+    assert answer({2: 0.6}, own=0.1) == "yes"
+    assert answer({2: 0.6, 3: 0.2}, own=0.1) == "yes"  # the best α counts
+    assert answer({2: 0.6}, own=0.7) == "no"  # no better than the checkpoint
+    assert answer({2: None}) == "unknown"  # final model gained nothing
+    assert answer({2: 0.9}, ran=False) == "unknown"
+    assert answer({}, own=0.2) == "unknown"  # no α > 1 at the earliest checkpoint (step 9's α = 10 is ignored)
     assert V.extrapolation({"steps": [1], "eval": {"ran": True, "scaling": []}}).answer == "unknown"
 
 
-def test_concentration_and_lock_in_edges():
-    def mag(shares, shapes):
-        return {"settings": {"types": list(shares)},
-                "modules": {t: {"type": t, "shape": s} for t, s in shapes.items()},
-                "magnitude": {"by_type": {t: {"share": [v]} for t, v in shares.items()}}}
+def test_extrapolation_thresholds_at_their_boundaries():
+    # recovery ≥ 0.5: 0.5 itself passes, the next float below does not
+    assert V.extrapolation(scaling_analysis({2: 0.5}, own=0.1)).answer == "yes"
+    assert V.extrapolation(scaling_analysis({2: 0.49}, own=0.1)).answer == "no"
+    # and strictly above the checkpoint's own recovery: equal is not enough
+    assert V.extrapolation(scaling_analysis({2: 0.6}, own=0.6)).answer == "no"
+    assert V.extrapolation(scaling_analysis({2: 0.6}, own=0.59)).answer == "yes"
+    # without an α = 1 row the own recovery is (acc_5 − acc_0)/(acc_T − acc_0) = (0.5 − 0.25)/(0.75 − 0.25) = 0.5
+    # (exact in binary): a best recovery of 0.5 ties it, 0.5625 beats it
+    a = scaling_analysis({2: 0.5}, efficiency=(0.25, 0.5, 0.75))
+    assert V.extrapolation(a).numbers["own_recovery"] == 0.5 and V.extrapolation(a).answer == "no"
+    assert V.extrapolation(scaling_analysis({2: 0.5625}, efficiency=(0.25, 0.5, 0.75))).answer == "yes"
+    # with neither, only the 0.5 floor applies
+    assert V.extrapolation(scaling_analysis({2: 0.5})).answer == "yes"
+    assert V.extrapolation(scaling_analysis({2: 0.5})).numbers["own_recovery"] is None
 
-    # equal per-parameter energy in 3 types: lift 1 -> no; all of it in one of 3 types: top-2 hold 1, lift 1.5 -> yes
-    assert V.concentration(mag({"q": 0.2, "k": 0.2, "up": 0.6}, {"q": (4, 4), "k": (4, 4), "up": (4, 12)})).answer == "no"
-    assert V.concentration(mag({"q": 1.0, "k": 0.0, "up": 0.0}, {"q": (4, 4), "k": (4, 4), "up": (4, 12)})).answer == "yes"
-    assert V.concentration(mag({"q": 1.0}, {"q": (4, 4)})).answer == "unknown"
-    # truncated spectrum holding little energy: a low effective rank is not trusted
-    a = {"steps": [1, 10], "modules": {"m": {"shape": [1000, 1000], "svd_q": 100}},
-         "spectrum": {"per_module": {"m": {"effective_rank_frac": [0.05], "effective_rank": [50.0], "captured_energy": [0.5]}}},
-         "alignment": {"per_module": {"m": {"lock_in_step": 1}}}}
-    assert V.lock_in(a).answer == "unknown"
-    a["spectrum"]["per_module"]["m"]["captured_energy"] = [0.95]
-    assert V.lock_in(a).answer == "yes"
-    a["alignment"]["per_module"]["m"]["lock_in_step"] = 10
-    assert V.lock_in(a).answer == "no"
+
+def magnitude_analysis(shares, shapes):
+    """analysis.json with only what the concentration rule reads: per-type shares of ‖Δθ‖² at T."""
+    return {"settings": {"types": list(shares)},
+            "modules": {t: {"type": t, "shape": s} for t, s in shapes.items()},
+            "magnitude": {"by_type": {t: {"share": [v]} for t, v in shares.items()}}}
+
+
+def test_concentration_edges():
+    # equal per-parameter energy in 3 types (up has 3x the parameters and 3x the share): lift 1 -> no
+    a = V.concentration(magnitude_analysis({"q": 0.2, "k": 0.2, "up": 0.6}, {"q": (4, 4), "k": (4, 4), "up": (4, 12)}))
+    assert a.answer == "no" and a.numbers["lift"] == pytest.approx(1.0)
+    # all of it in one of 3 types: the top 2 hold 1, uniform 2/3, lift exactly 1.5 -> yes
+    a = V.concentration(magnitude_analysis({"q": 1.0, "k": 0.0, "up": 0.0}, {"q": (4, 4), "k": (4, 4), "up": (4, 12)}))
+    assert a.answer == "yes" and a.numbers["lift"] == pytest.approx(1.5)
+    # with only k = 2 types (or fewer) the top 2 hold everything: no judgement
+    assert V.concentration(magnitude_analysis({"q": 0.25, "up": 0.75}, {"q": (4, 4), "up": (4, 12)})).answer == "unknown"
+    assert V.concentration(magnitude_analysis({"q": 1.0}, {"q": (4, 4)})).answer == "unknown"
+    a = V.concentration(magnitude_analysis({"q": 0.0, "k": 0.0, "up": 0.0}, {"q": (4, 4), "k": (4, 4), "up": (4, 12)}))
+    assert a.answer == "unknown" and "did not move" in a.text
+
+
+def test_concentration_threshold_at_its_boundary():
+    # 4 types of 16 parameters each: adjusted shares = raw shares, uniform share of the top 2 is 2/4,
+    # so "yes" iff the top two hold ≥ 1.5 × 1/2 = 0.75 of the update
+    shapes = {t: (4, 4) for t in ("q", "k", "v", "o")}
+
+    def answer(shares):
+        return V.concentration(magnitude_analysis(dict(zip(shapes, shares)), shapes))
+
+    at = answer((0.375, 0.375, 0.125, 0.125))  # C = 0.75 exactly (binary fractions): lift 1.5
+    assert at.numbers["lift"] == 1.5 and at.answer == "yes"
+    above = answer((0.40, 0.36, 0.12, 0.12))  # C = 0.76: lift 1.52
+    assert above.numbers["lift"] == pytest.approx(1.52) and above.answer == "yes"
+    below = answer((0.37, 0.37, 0.13, 0.13))  # C = 0.74: lift 1.48
+    assert below.numbers["lift"] == pytest.approx(1.48) and below.answer == "no"
+    assert below.numbers["top_types"] == ["q", "k"]
+
+
+def spectrum_analysis(fracs, locks, T=100, captured=None, svd_q=None):
+    """analysis.json with only what the lock-in rule reads: one module per entry of ``fracs``
+    (effective-rank fractions at T) and ``locks`` (lock-in steps), checkpoints at 1 ... T."""
+    names = [f"m{i}" for i in range(len(fracs))]
+    spec = {n: {"effective_rank_frac": [f], "effective_rank": [100 * f]} for n, f in zip(names, fracs)}
+    if captured is not None:
+        for n in names:
+            spec[n]["captured_energy"] = [captured]
+    return {"steps": [1, T // 2, T],
+            "modules": {n: {"shape": [100, 100], **({"svd_q": svd_q} if svd_q else {})} for n in names},
+            "spectrum": {"per_module": spec},
+            "alignment": {"per_module": {n: {"lock_in_step": s} for n, s in zip(names, locks)}}}
+
+
+def test_lock_in_thresholds_at_their_boundaries():
+    def answer(*args, **kwargs):
+        return V.lock_in(spectrum_analysis(*args, **kwargs)).answer
+
+    # effective rank strictly below 0.25 of min(m, n); lock-in at most 25 of T = 100 steps
+    assert answer([0.24], [25]) == "yes"
+    assert answer([0.25], [25]) == "no"  # rank at the threshold is not low
+    assert answer([0.24], [26]) == "no"  # lock-in one step late
+    # the medians decide: ranks (0.1, 0.1, 0.9) have median 0.1 (mean 0.37); locks (1, 20, 90) median 20
+    assert answer([0.1, 0.1, 0.9], [1, 20, 90]) == "yes"
+    assert answer([0.1, 0.3, 0.3], [1, 2, 3]) == "no"
+    assert answer([0.1, 0.1, 0.1], [1, 30, 90]) == "no"
+    # a module with no lock-in step is left out of the median; none at all: unknown
+    assert answer([0.1, 0.1], [None, 10]) == "yes"
+    assert answer([0.1], [None]) == "unknown"
+    # a truncated spectrum (q = 10 < 100) must hold ≥ 0.9 of ‖ΔW‖² for a low rank to count
+    assert answer([0.05], [1], captured=0.9, svd_q=10) == "yes"
+    assert answer([0.05], [1], captured=0.89, svd_q=10) == "unknown"
+    assert answer([0.05], [1], captured=0.5) == "yes"  # exact SVD (no svd_q): the captured share is not read
+    assert answer([0.05], [30], captured=0.5, svd_q=10) == "no"  # late lock-in decides without the rank
+    # a direction fixed from the first checkpoint locks in at step 1 of 100: 1% of training
+    a = V.lock_in(spectrum_analysis([0.05, 0.05], [1, 1]))
+    assert a.answer == "yes" and a.numbers["lock_frac"] == 0.01

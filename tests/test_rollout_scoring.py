@@ -1,6 +1,5 @@
 import torch
 
-from effopd.models import load_model, load_tokenizer
 from effopd.rollout import generate, response_mask
 from effopd.scoring import score, token_logprobs
 from effopd.utils import isolated_rng
@@ -13,8 +12,8 @@ def test_response_mask_includes_first_eos_only():
     assert response_mask(ids, eos_token_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
-def test_generate_shapes_masks_and_texts(tiny_models):
-    tok, model = load_tokenizer(tiny_models["student"]), load_model(tiny_models["student"], "student")
+def test_generate_shapes_masks_and_texts(tiny_student):
+    tok, model = tiny_student
     ro = generate(model, tok, PROMPTS, max_new_tokens=12)
     B, T = ro.response_ids_BT.shape
     assert B == 4 and T <= 12 and ro.logp_BT.shape == (B, T)
@@ -26,18 +25,18 @@ def test_generate_shapes_masks_and_texts(tiny_models):
     assert ro.prompt_ids_BP[0, 0] == tok.pad_token_id  # short prompt is left-padded
 
 
-def test_scoring_matches_sampling_logprobs(tiny_models):
+def test_scoring_matches_sampling_logprobs(tiny_student):
     """The trainer's forward pass must see exactly what the sampler saw: same positions despite
     left padding, same next-token distribution."""
-    tok, model = load_tokenizer(tiny_models["student"]), load_model(tiny_models["student"], "student")
+    tok, model = tiny_student
     for temperature in (1.0, 0.7):
         ro = generate(model, tok, PROMPTS * 3, max_new_tokens=10, temperature=temperature)
         logp = score(model, ro, temperature=temperature)
         torch.testing.assert_close(logp, ro.logp_BT, atol=1e-4, rtol=0)
 
 
-def test_chunked_scoring_equals_unchunked_and_grad_flows(tiny_models):
-    tok, model = load_tokenizer(tiny_models["student"]), load_model(tiny_models["student"], "student")
+def test_chunked_scoring_equals_unchunked_and_grad_flows(tiny_student):
+    tok, model = tiny_student
     ro = generate(model, tok, PROMPTS * 2, max_new_tokens=8)
     full = score(model, ro)
     torch.testing.assert_close(score(model, ro, chunk_size=3), full, atol=1e-6, rtol=0)
@@ -47,15 +46,15 @@ def test_chunked_scoring_equals_unchunked_and_grad_flows(tiny_models):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_batched_generation_equals_one_batch_greedy(tiny_models):
-    tok, model = load_tokenizer(tiny_models["student"]), load_model(tiny_models["student"], "student")
+def test_batched_generation_equals_one_batch_greedy(tiny_student):
+    tok, model = tiny_student
     a = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True)
     b = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, batch_size=3)
     assert a.texts == b.texts
 
 
-def test_isolated_rng_leaves_global_stream_untouched(tiny_models):
-    tok, model = load_tokenizer(tiny_models["student"]), load_model(tiny_models["student"], "student")
+def test_isolated_rng_leaves_global_stream_untouched(tiny_student):
+    tok, model = tiny_student
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from effopd import cli
 from effopd import train as train_mod
 from effopd.config import load_config
 from effopd.train import RunDirError, train
 
-
-def _overrides(tiny_models, **extra) -> list[str]:
-    base = {
-        "model.student": tiny_models["student"], "model.teacher": tiny_models["teacher"],
-        "rollout.batch_size": 4, "rollout.max_new_tokens": 10, "data.eval_limit": 8,
-        "eval.max_new_tokens": 10, "train.steps": 2, "train.eval_every": 1, "train.save_every": 1,
-        "optim.lr": 1e-2,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step-{step}" / "model.safetensors")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from conftest import assert_same_weights, checkpoint_weights, metrics_rows, tiny_overrides
 
 
 def _crash_in_step(monkeypatch, step: int, run) -> None:
@@ -57,9 +35,9 @@ def _crash_in_step(monkeypatch, step: int, run) -> None:
 
 def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", "--run-dir", str(run), "--no-progress", *_overrides(tiny_models)]) == 0
+    assert cli.main(["train", "--run-dir", str(run), "--no-progress", *tiny_overrides(tiny_models)]) == 0
     assert (run / "config.yaml").exists()
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_rows(run)
     assert [x["step"] for x in lines] == [0, 1, 2]
     for key in ("train/loss", "train/reverse_kl", "train/reward", "train/grad_norm", "time/rollout", "time/score", "time/update", "eval/accuracy"):
         assert key in lines[1], key
@@ -78,7 +56,7 @@ def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):
 
 def test_existing_run_dir_is_refused(tiny_models, tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train", "--run-dir", str(run), "--no-progress", *_overrides(tiny_models, **{"train.steps": 1})]
+    args = ["train", "--run-dir", str(run), "--no-progress", *tiny_overrides(tiny_models, **{"train.steps": 1})]
     assert cli.main(args) == 0
     assert cli.main(args) == 2
     err = capsys.readouterr().err
@@ -88,47 +66,47 @@ def test_existing_run_dir_is_refused(tiny_models, tmp_path, capsys):
 
 def test_resume_changing_the_trajectory_is_refused(tiny_models, tmp_path):
     run = tmp_path / "run"
-    train(load_config([], _overrides(tiny_models, **{"train.steps": 1})), run, progress=False)
+    train(load_config([], tiny_overrides(tiny_models, **{"train.steps": 1})), run, progress=False)
     with pytest.raises(RunDirError, match="optim.lr"):
-        train(load_config([], _overrides(tiny_models, **{"optim.lr": 0.5})), run, resume=True, progress=False)
+        train(load_config([], tiny_overrides(tiny_models, **{"optim.lr": 0.5})), run, resume=True, progress=False)
 
 
 def test_resume_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
     """4 uninterrupted steps == 2 steps, a crash in step 3, and --resume to step 4 (bitwise)."""
-    cfg = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.save_every": 2, "train.eval_every": 2}))
+    cfg = load_config([], tiny_overrides(tiny_models, **{"train.steps": 4, "train.save_every": 2, "train.eval_every": 2}))
     train(cfg, tmp_path / "a", progress=False)
 
     _crash_in_step(monkeypatch, 3, lambda: train(cfg, tmp_path / "b", progress=False))
     assert not (tmp_path / "b" / "checkpoints" / "step-4").exists()
     train(cfg, tmp_path / "b", resume=True, progress=False)
 
-    _assert_same(_weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4))
-    a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert_same_weights(checkpoint_weights(tmp_path / "a", 4), checkpoint_weights(tmp_path / "b", 4))
+    a = metrics_rows(tmp_path / "a")
+    b = metrics_rows(tmp_path / "b")
     assert [x["step"] for x in b] == [x["step"] for x in a]
     assert [x.get("train/loss") for x in b] == [x.get("train/loss") for x in a]
 
 
 def test_evaluation_does_not_change_training(tiny_models, tmp_path):
-    with_eval = load_config([], _overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 1}))
-    without = load_config([], _overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 0}))
+    with_eval = load_config([], tiny_overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 1}))
+    without = load_config([], tiny_overrides(tiny_models, **{"train.steps": 3, "train.eval_every": 0}))
     train(with_eval, tmp_path / "a", progress=False)
     train(without, tmp_path / "b", progress=False)
-    _assert_same(_weights(tmp_path / "a", 3), _weights(tmp_path / "b", 3))
+    assert_same_weights(checkpoint_weights(tmp_path / "a", 3), checkpoint_weights(tmp_path / "b", 3))
 
 
 def test_gopd_lambda_one_equals_opd(tiny_models, tmp_path):
-    train(load_config([], _overrides(tiny_models)), tmp_path / "opd", progress=False)
-    train(load_config([], _overrides(tiny_models, **{"loss.method": "gopd", "loss.lam": 1.0})), tmp_path / "gopd", progress=False)
-    a, b = _weights(tmp_path / "opd", 2), _weights(tmp_path / "gopd", 2)
+    train(load_config([], tiny_overrides(tiny_models)), tmp_path / "opd", progress=False)
+    train(load_config([], tiny_overrides(tiny_models, **{"loss.method": "gopd", "loss.lam": 1.0})), tmp_path / "gopd", progress=False)
+    a, b = checkpoint_weights(tmp_path / "opd", 2), checkpoint_weights(tmp_path / "gopd", 2)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
 def test_micro_batches_equal_one_batch(tiny_models, tmp_path):
-    train(load_config([], _overrides(tiny_models, **{"train.steps": 1})), tmp_path / "a", progress=False)
-    train(load_config([], _overrides(tiny_models, **{"train.steps": 1, "train.micro_batch_size": 3})), tmp_path / "b", progress=False)
-    a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
+    train(load_config([], tiny_overrides(tiny_models, **{"train.steps": 1})), tmp_path / "a", progress=False)
+    train(load_config([], tiny_overrides(tiny_models, **{"train.steps": 1, "train.micro_batch_size": 3})), tmp_path / "b", progress=False)
+    a, b = checkpoint_weights(tmp_path / "a", 1), checkpoint_weights(tmp_path / "b", 1)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
@@ -156,7 +134,7 @@ def test_two_process_data_parallel(tiny_models, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script), str(run),
-           *_overrides(tiny_models, **{"train.device": "cpu"})]
+           *tiny_overrides(tiny_models, **{"train.device": "cpu"})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = [(run / f"hash-{r}").read_text() for r in (0, 1)]
@@ -171,13 +149,13 @@ def test_two_process_data_parallel(tiny_models, tmp_path):
 def test_effopd_that_never_accepts_is_bitwise_plain_opd(tiny_models, tmp_path):
     """Random tiny models never solve a problem, so every reward score ties s0 and no candidate
     is accepted: the run must then equal plain OPD bitwise (validation never touches training)."""
-    plain = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0}))
-    eff = load_config([], _overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "extrapolate.enabled": True,
+    plain = load_config([], tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0}))
+    eff = load_config([], tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "extrapolate.enabled": True,
                                                     "extrapolate.val_prompts": 6}))
     train(plain, tmp_path / "plain", progress=False)
     train(eff, tmp_path / "eff", progress=False)
-    _assert_same(_weights(tmp_path / "plain", 4), _weights(tmp_path / "eff", 4))
-    rows = [json.loads(x) for x in (tmp_path / "eff" / "metrics.jsonl").read_text().splitlines()]
+    assert_same_weights(checkpoint_weights(tmp_path / "plain", 4), checkpoint_weights(tmp_path / "eff", 4))
+    rows = metrics_rows(tmp_path / "eff")
     searched = [r["step"] for r in rows if "extrapolate/accepted_c" in r]
     assert searched == [1, 2, 4]
     assert all(r["extrapolate/accepted_c"] == 1.0 and r["extrapolate/candidates"] == [3.0] for r in rows if r["step"] in searched)
@@ -188,7 +166,7 @@ def test_effopd_selection_leaves_embeddings_and_norms(tiny_models):
     from effopd.module_groups import module_group
     from effopd.train import make_extrapolator
 
-    cfg = load_config([], _overrides(tiny_models, **{"extrapolate.enabled": True}))
+    cfg = load_config([], tiny_overrides(tiny_models, **{"extrapolate.enabled": True}))
     model = load_model(tiny_models["student"], "student")
     ex = make_extrapolator(cfg, model)
     types = {module_group(n).type for n in ex.params}
@@ -199,7 +177,7 @@ def test_effopd_selection_leaves_embeddings_and_norms(tiny_models):
 def test_resume_mid_effopd_equals_uninterrupted(tiny_models, tmp_path, monkeypatch):
     """A continuous score (teacher logprob) accepts candidates; resuming restores the anchor,
     the history and the adaptive gain exactly."""
-    cfg = load_config([], _overrides(tiny_models, **{
+    cfg = load_config([], tiny_overrides(tiny_models, **{
         "train.steps": 4, "train.save_every": 2, "train.eval_every": 0, "extrapolate.enabled": True,
         "extrapolate.score": "teacher_logprob", "extrapolate.schedule": "adaptive", "extrapolate.trigger_steps": "[2,3,4]",
         "extrapolate.val_prompts": 16, "extrapolate.val_greedy": True, "optim.lr": 0.03, "rollout.batch_size": 8,
@@ -208,8 +186,8 @@ def test_resume_mid_effopd_equals_uninterrupted(tiny_models, tmp_path, monkeypat
     _crash_in_step(monkeypatch, 3, lambda: train(cfg, tmp_path / "b", progress=False))
     assert (tmp_path / "b" / "checkpoints" / "step-2").exists() and not (tmp_path / "b" / "checkpoints" / "step-4").exists()
     train(cfg, tmp_path / "b", resume=True, progress=False)
-    _assert_same(_weights(tmp_path / "a", 4), _weights(tmp_path / "b", 4))
-    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in "ab"}
+    assert_same_weights(checkpoint_weights(tmp_path / "a", 4), checkpoint_weights(tmp_path / "b", 4))
+    rows = {k: metrics_rows(tmp_path / k) for k in "ab"}
     pick = lambda rs: [(r["step"], r.get("extrapolate/accepted_c"), r.get("extrapolate/scores")) for r in rs]  # noqa: E731
     assert pick(rows["a"]) == pick(rows["b"])
     assert any((r.get("extrapolate/accepted_c") or 1.0) > 1.0 for r in rows["a"]), "no candidate accepted: test too weak"
@@ -220,5 +198,5 @@ def test_a_failed_start_leaves_no_run_dir(tiny_models, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(ModelLoadError):
-        train(load_config([], _overrides(tiny_models, **{"model.teacher": str(tmp_path / "missing")})), run, progress=False)
+        train(load_config([], tiny_overrides(tiny_models, **{"model.teacher": str(tmp_path / "missing")})), run, progress=False)
     assert not run.exists()  # so the corrected command is not refused as "already holds a run"

@@ -166,7 +166,8 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
         outcome_B, total_B = sample_rewards(cfg, ro, golds)
         all_outcomes.append(outcome_B)
     metrics = {"train/reward": torch.cat(all_outcomes).mean().item(), "train/sample_rounds": rounds}
-    if not kept_golds:  # nothing informative: every advantage is 0, the update is weight decay alone
+    if not kept_golds:  # nothing informative: every advantage and so the loss's gradient is 0, but AdamW
+        # still applies weight decay and the momentum of earlier updates
         metrics["train/kept_groups"] = 0
         return Batch(ro, golds, total_B, n, metrics)
     kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id)
