@@ -3,7 +3,7 @@ metric except wall-clock timings, for a 3-step OPD + EffOPD run and a 3-step GRP
 embedded default (CPU, 2 threads).
 
 Two versions of the trainer that print the same digests train bitwise identically on this
-machine. Used to check that a refactor of the loop changes no run:
+machine. Used to check that a change to the loop changes no run:
 
     git stash; python benchmarks/run_digest.py --out before.json; git stash pop
     python benchmarks/run_digest.py --out after.json; diff before.json after.json
