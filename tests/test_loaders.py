@@ -123,9 +123,9 @@ def test_saved_dataset_dict_split_selection(tmp_path):
     assert_matches_rows(load_examples(path, split="train"), ROWS[:2])
     assert_matches_rows(load_examples(path, split="test"), ROWS[2:])
     with pytest.raises(DatasetError) as err:
-        load_examples(path)
+        load_examples(path, split_key="data.train_split")
     msg = str(err.value)
-    assert str(path) in msg and "'train'" in msg and "'test'" in msg and "data.split" in msg
+    assert str(path) in msg and "'train'" in msg and "'test'" in msg and "data.train_split=NAME" in msg
     with pytest.raises(DatasetError) as err:
         load_examples(path, split="validation")
     assert "'validation'" in str(err.value) and "'train'" in str(err.value)
@@ -379,3 +379,18 @@ def test_fuzz_bytes_loads_or_raises_dataset_error(tmp_path, data):
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(data)
     check_loads_or_dataset_error(path)
+
+
+def test_split_errors_name_a_key_that_exists(tmp_path):
+    """Through the trainer's loader the message names the role's real config key."""
+    import datasets
+
+    from effopd.config import DataConfig, _all_keys, Config
+    from effopd.data import load_split
+
+    path = tmp_path / "saved_dict"
+    datasets.DatasetDict(a=datasets.Dataset.from_list(ROWS), b=datasets.Dataset.from_list(ROWS)).save_to_disk(str(path))
+    for which in ("train", "eval", "val"):
+        with pytest.raises(DatasetError, match=f"data\\.{which}_split=NAME"):
+            load_split(str(path), DataConfig(), which)
+        assert f"data.{which}_split" in _all_keys(Config)

@@ -237,11 +237,13 @@ def test_sigkill_mid_step_mid_search_and_mid_write_then_resume_gives_the_same_we
         assert t.finish() == -signal.SIGKILL, t.output()[-3000:]
         _all_complete(run)
 
-    # 1. the first search (step 2), before any checkpoint: the resume starts from scratch
+    # 1. the first search (step 2), before any checkpoint: nothing to resume from, which --resume says
     killed_at(("search", 2))
     assert ckpt.latest(root) is None and [r["step"] for r in metrics_rows(run)] == [1]
-    # 2. step 5 (the run starts again from step 0: no checkpoint was left), between its rollout and its update
-    killed_at(("update", 5), "--resume")
+    t = trainers(run, overrides, "--resume")
+    assert t.finish() == 2 and "holds no complete, readable checkpoint" in t.output(), t.output()[-3000:]
+    # 2. step 5 (started again with --overwrite: no checkpoint was left), between its rollout and its update
+    killed_at(("update", 5), "--overwrite")
     assert ckpt.latest(root).name == "step-3" and [r["step"] for r in metrics_rows(run)] == [1, 2, 3, 4]
     # 3. writing step-6: its files are under .tmp-step-6, the manifest not yet
     killed_at(("write", 6), "--resume")
@@ -259,21 +261,27 @@ def test_sigkill_mid_step_mid_search_and_mid_write_then_resume_gives_the_same_we
     assert not list(root.glob(".tmp-*"))
 
 
-def test_checkpoint_write_failure_is_clear_and_keeps_the_previous(tiny_models, tmp_path, monkeypatch):
-    real_save, calls = torch.save, {"n": 0}
+@pytest.mark.parametrize("failure", ["oserror", "safetensors"])
+def test_checkpoint_write_failure_is_clear_and_keeps_the_previous(failure, tiny_models, tmp_path, monkeypatch):
+    """The second checkpoint's optimizer file hits a full disk: as an OSError, or as the
+    SafetensorError that safetensors raises for it (not an OSError)."""
+    from safetensors import SafetensorError
 
-    def failing_save(obj, f, *a, **k):
-        if str(f).endswith(ckpt.STATE_FILE):
-            calls["n"] += 1
-            if calls["n"] == 2:
+    real_save, calls = ckpt.save_state, {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            if failure == "oserror":
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(ckpt, "save_state", failing_save)
     run = tmp_path / "run"
     with pytest.raises(ckpt.CheckpointError, match=r"step-6.*No space left.*step-3.*intact.*--resume"):
         train_run(_overrides(tiny_models), run)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "save_state", real_save)
     assert [p.name for p in ckpt.complete_checkpoints(run / "checkpoints")] == ["step-3"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     train_run(_overrides(tiny_models), run, resume=True)

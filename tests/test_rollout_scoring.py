@@ -1,6 +1,8 @@
+import pytest
 import torch
+from transformers import GenerationConfig
 
-from effopd.rollout import generate, response_mask
+from effopd.rollout import eos_ids, generate, response_mask
 from effopd.scoring import score, token_logprobs
 from effopd.utils import isolated_rng
 
@@ -14,10 +16,10 @@ def test_response_mask_includes_first_eos_only():
 
 def test_generate_shapes_masks_and_texts(tiny_student):
     tok, model = tiny_student
-    ro = generate(model, tok, PROMPTS, max_new_tokens=12)
+    ro = generate(model, tok, PROMPTS, max_new_tokens=12, keep_logprobs=True)
     B, T = ro.response_ids_BT.shape
     assert B == 4 and T <= 12 and ro.logp_BT.shape == (B, T)
-    assert (ro.logp_BT <= 0).all()
+    assert (ro.logp_BT <= 0).all() and (ro.logp_BT[ro.response_mask_BT == 1] < 0).all()
     # padding after EOS is pad and has zero logprob
     assert (ro.response_ids_BT[ro.response_mask_BT == 0] == tok.pad_token_id).all()
     assert (ro.logp_BT[ro.response_mask_BT == 0] == 0).all()
@@ -30,7 +32,7 @@ def test_scoring_matches_sampling_logprobs(tiny_student):
     left padding, same next-token distribution."""
     tok, model = tiny_student
     for temperature in (1.0, 0.7):
-        ro = generate(model, tok, PROMPTS * 3, max_new_tokens=10, temperature=temperature)
+        ro = generate(model, tok, PROMPTS * 3, max_new_tokens=10, temperature=temperature, keep_logprobs=True)
         logp = score(model, ro, temperature=temperature)
         torch.testing.assert_close(logp, ro.logp_BT, atol=1e-4, rtol=0)
 
@@ -66,3 +68,133 @@ def test_isolated_rng_leaves_global_stream_untouched(tiny_student):
     with isolated_rng(5):
         y = generate(model, tok, PROMPTS, max_new_tokens=6).texts
     assert x == y
+
+
+# ---- end-of-sequence ids ---------------------------------------------------------------------------
+
+
+def test_response_mask_stops_at_the_first_of_several_eos_ids():
+    ids = torch.tensor([[5, 6, 3, 7, 2], [5, 2, 3, 5, 5], [5, 5, 5, 5, 5], [3, 2, 0, 0, 0]])
+    assert response_mask(ids, [2, 3]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert response_mask(ids, [3]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="eos_token_id=\\[\\] holds no token id"):
+        response_mask(ids, [])
+
+
+def test_eos_ids_unites_the_generation_config_and_the_tokenizer(tiny_student):
+    tok, model = tiny_student
+    other = tok.convert_tokens_to_ids("7")
+    model.generation_config.eos_token_id = [tok.eos_token_id, other]
+    assert eos_ids(model, tok) == [tok.eos_token_id, other]
+    model.generation_config.eos_token_id = other
+    assert eos_ids(model, tok) == [other, tok.eos_token_id]
+    model.generation_config.eos_token_id = None
+    assert eos_ids(model, tok) == [tok.eos_token_id]
+
+
+def force_tokens(model, plan: list[list[int]]):
+    """Make greedy decoding emit ``plan[b][step]`` in row b (a forward hook on the LM head that
+    replaces the logits of the last position); returns the hook handle."""
+    step = {"n": 0}
+
+    def hook(module, args, out):
+        forced = torch.full_like(out, -1e4)
+        for b, row in enumerate(plan):
+            forced[b, -1, row[min(step["n"], len(row) - 1)]] = 1e4
+        step["n"] += 1
+        return forced
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student):
+    """A model whose generation_config lists two EOS ids: one row ends with the tokenizer's EOS,
+    one with the other id, one with the other id after 3 tokens; generation stops when all rows
+    have ended (T = 4 < max_new_tokens), and each response ends at its EOS in mask and text."""
+    tok, model = tiny_student
+    a, b, c = (tok.convert_tokens_to_ids(x) for x in ("1", "2", "3"))
+    other = tok.convert_tokens_to_ids("7")
+    E = tok.eos_token_id
+    model.generation_config.eos_token_id = [E, other]
+    handle = force_tokens(model, [[a, E, b, b, b, b], [a, b, c, other, b, b], [other, a, a, a, a, a]])
+    try:
+        ro = generate(model, tok, PROMPTS[:3], max_new_tokens=8, greedy=True)
+    finally:
+        handle.remove()
+    assert ro.response_ids_BT.shape[1] == 4  # stopped when every row had ended, not at 8 tokens
+    assert ro.response_mask_BT.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ro.response_ids_BT.tolist() == [[a, E, tok.pad_token_id, tok.pad_token_id], [a, b, c, other],
+                                           [other, tok.pad_token_id, tok.pad_token_id, tok.pad_token_id]]
+    assert ro.texts == ["1", "123", ""]
+
+
+def test_explicit_eos_token_ids_replace_the_default(tiny_student):
+    tok, model = tiny_student
+    a, b = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+    handle = force_tokens(model, [[a, b, a, a, a, a]])
+    try:
+        ro = generate(model, tok, PROMPTS[:1], max_new_tokens=6, greedy=True, eos_token_ids=[b])
+    finally:
+        handle.remove()
+    assert ro.response_ids_BT.tolist() == [[a, b]] and ro.texts == ["1"]
+
+
+# ---- what generation keeps -------------------------------------------------------------------------
+
+
+def spy_generate(monkeypatch, model, force_logits: bool = False) -> list[dict]:
+    """Record the generation config and processors of every ``model.generate`` call; with
+    ``force_logits`` also ask for HF's stacked per-step logits (a reference, never used by effopd)."""
+    calls, original = [], model.generate
+
+    def spy(*args, generation_config: GenerationConfig, **kwargs):
+        calls.append({"config": generation_config, "processors": list(kwargs.get("logits_processor") or []), "logits": None})
+        if not force_logits:
+            return original(*args, generation_config=generation_config, **kwargs)
+        forced = GenerationConfig(**{**generation_config.to_dict(), "output_logits": True, "return_dict_in_generate": True})
+        out = original(*args, generation_config=forced, **kwargs)
+        calls[-1]["logits"] = out.logits
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", spy)
+    return calls
+
+
+def test_without_keep_logprobs_no_logits_are_kept_and_logp_is_zero(tiny_student, monkeypatch):
+    tok, model = tiny_student
+    calls = spy_generate(monkeypatch, model)
+    ro = generate(model, tok, PROMPTS * 2, max_new_tokens=8, batch_size=3)
+    assert len(calls) == 3
+    for call in calls:
+        cfg = call["config"]
+        assert cfg.output_logits is False and cfg.output_scores is False and cfg.return_dict_in_generate is False
+        assert call["processors"] == []
+    assert torch.equal(ro.logp_BT, torch.zeros_like(ro.logp_BT))
+
+
+@pytest.mark.parametrize("temperature,top_p,greedy", [(0.7, 0.9, False), (1.0, 1.0, False), (1.0, 1.0, True)])
+def test_keep_logprobs_equals_the_full_logits_reference(tiny_student, monkeypatch, temperature, top_p, greedy):
+    """The step-by-step logprobs equal log_softmax(logits / temperature) of HF's own stacked
+    per-step logits of the same call (before top-p truncation), without asking HF to stack them."""
+    tok, model = tiny_student
+    calls = spy_generate(monkeypatch, model, force_logits=True)
+    torch.manual_seed(0)
+    ro = generate(model, tok, PROMPTS * 2, max_new_tokens=10, temperature=temperature, top_p=top_p, greedy=greedy,
+                  keep_logprobs=True)
+    (call,) = calls
+    assert call["config"].output_logits is False  # effopd asked for none; the spy added them
+    logits = torch.stack(call["logits"], 1).float() / (1.0 if greedy else temperature)
+    ref = torch.log_softmax(logits, -1).gather(-1, ro.response_ids_BT[..., None]).squeeze(-1) * ro.response_mask_BT
+    assert ro.response_mask_BT.sum() > ro.response_mask_BT.shape[0]  # several real tokens per row
+    torch.testing.assert_close(ro.logp_BT, ref, atol=1e-6, rtol=0)
+
+
+def test_sampling_ignores_the_models_generation_config_top_k(tiny_student):
+    """Qwen3 ships generation_config top_k=20; generate samples the untruncated distribution the
+    trainer scores. With top_k=1 filled in, every sample would be the greedy response."""
+    tok, model = tiny_student
+    model.generation_config.top_k = 1
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True).texts
+    with isolated_rng(0):
+        sampled = [generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0).texts for _ in range(3)]
+    assert any(s != greedy for s in sampled)

@@ -43,7 +43,7 @@ def test_cli_two_step_smoke(tiny_models, tmp_path, capsys):
         assert key in lines[1], key
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["step-0.jsonl", "step-1.jsonl", "step-2.jsonl"]
     ck = run / "checkpoints" / "step-2"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "rng-rank0.pt", "COMPLETE"} <= {p.name for p in ck.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "optimizer.safetensors", "rng-rank0.safetensors", "COMPLETE"} <= {p.name for p in ck.iterdir()}
     # the checkpoint is a plain HF model, and training moved it away from the init
     from transformers import AutoModelForCausalLM
 
@@ -140,7 +140,7 @@ def test_two_process_data_parallel(tiny_models, tmp_path):
     hashes = [(run / f"hash-{r}").read_text() for r in (0, 1)]
     assert hashes[0] == hashes[1]
     ck = run / "checkpoints" / "step-2"
-    assert (ck / "rng-rank0.pt").exists() and (ck / "rng-rank1.pt").exists()
+    assert (ck / "rng-rank0.safetensors").exists() and (ck / "rng-rank1.safetensors").exists()
 
 
 # ---- EffOPD wired into the loop ------------------------------------------------------------

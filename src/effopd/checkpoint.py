@@ -1,10 +1,18 @@
 """Atomic checkpoints and exact resume.
 
 ``checkpoints/step-N/`` holds a ``from_pretrained``-loadable model and tokenizer, the trainer
-state (optimizer, scheduler, data order, step, controller state) and one RNG file per process.
-It is written under a temporary name, completed by a ``COMPLETE`` manifest written last, and
-only then renamed into place, so a crash at any moment leaves either the previous checkpoint or
-the new one, never a half-written ``step-N``.
+state and one RNG file per process, in formats that cannot run code when read (no pickle):
+
+- ``trainer_state.json``: step, scheduler, data order, EffOPD history, the optimizer's
+  hyper-parameters (``param_groups``) and its non-tensor per-parameter values;
+- ``optimizer.safetensors``: the optimizer's per-parameter tensors (``state.<i>.<name>``);
+- ``rng-rank<r>.safetensors``: that process's torch (and CUDA) generator states as tensors, the
+  numpy key as a tensor, and the python/numpy scalars as JSON in the file's metadata.
+
+It is written under a temporary name; every file is fsync'd, then the ``COMPLETE`` manifest
+(each file's size) is written and fsync'd, and only then is the folder renamed into place and
+the parent fsync'd. A crash or a power loss at any moment leaves either the previous checkpoint
+or the new one, never a half-written ``step-N``.
 
 :func:`step_checkpoints` is the one rule for reading a ``checkpoints/`` folder, used by resume
 and by the analysis alike: it lists the complete ``step-N`` directories only; one without a
@@ -23,32 +31,114 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from effopd.errors import UserError
 from effopd.utils import fsync_dir, write_json
 
 COMPLETE = "COMPLETE"
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_OLD_RE = re.compile(r"^\.old-step-(\d+)$")
 
 
 class CheckpointError(UserError, RuntimeError):
     pass
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def save_rng(tmp: Path, rank: int) -> None:
+    """This process's python, numpy, torch and CUDA generator states, as tensors + JSON metadata."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        tensors.update({f"cuda.{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"python": json.dumps([version, list(keys), gauss]), "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
+    save_file(tensors, str(Path(tmp) / _rng_file(rank)), metadata=meta)
+
+
+def load_rng(path: Path, rank: int) -> None:
+    f = Path(path) / _rng_file(rank)
+    if not f.exists():
+        raise CheckpointError(
+            f"{f} is missing: the checkpoint was written by a run with fewer processes; "
+            "resume with the same number of processes"
+        )
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata()
+        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+    version, keys, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(keys), gauss))
+    name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_state(tmp: Path, state: dict, optimizer_state: dict) -> None:
+    """``state`` (JSON-able: step, scheduler, sampler, EffOPD history) and an optimizer
+    ``state_dict()``: tensors to ``optimizer.safetensors``, everything else to ``trainer_state.json``."""
+    tensors, scalars = {}, {}
+    for idx, per_param in optimizer_state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    save_file(tensors, str(Path(tmp) / OPTIMIZER_FILE))
+    opt = {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
+    write_json(Path(tmp) / STATE_FILE, {**state, "optimizer": opt})
+
+
+def load_state(path: Path) -> dict:
+    """The trainer state of checkpoint ``path``, with ``optimizer`` rebuilt as a ``state_dict``.
+    Reads JSON and safetensors only; a pickled state (``trainer_state.pt``) is refused, unread."""
+    path = Path(path)
+    if not (path / STATE_FILE).exists() and (path / LEGACY_STATE_FILE).exists():
+        raise CheckpointError(
+            f"{path / LEGACY_STATE_FILE} is a pickled trainer state, which effopd does not load (unpickling a file "
+            f"can run any code it holds). Resume from a checkpoint that has {STATE_FILE}, or start a new run from "
+            f"these weights with model.student={path}"
+        )
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err})") from err
+    try:
+        tensors = load_file(str(path / OPTIMIZER_FILE))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path / OPTIMIZER_FILE} cannot be read ({type(err).__name__}: {err})") from err
+    opt = state.pop("optimizer")
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        per_param.setdefault(int(idx), {})[name] = value
+    for idx, values in opt["scalars"].items():
+        per_param.setdefault(int(idx), {}).update(values)
+    state["optimizer"] = {"state": per_param, "param_groups": opt["param_groups"]}
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def verify(path: Path, world_size: int) -> None:
+    """Raise ``CheckpointError`` naming the file unless every state file of checkpoint ``path``
+    (trainer state, optimizer, RNG of each of ``world_size`` processes, model weights) reads."""
+    path = Path(path)
+    load_state(path)
+    for f in [_rng_file(r) for r in range(world_size)] + sorted(p.name for p in path.glob("*.safetensors")):
+        try:
+            with safe_open(str(path / f), framework="pt") as sf:
+                sf.keys()
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{path / f} cannot be read ({type(err).__name__}: {err})") from err
 
 
 def tmp_dir(ckpt_root: Path, step: int) -> Path:
@@ -64,19 +154,20 @@ def begin(ckpt_root: Path, step: int) -> Path:
     return tmp
 
 
-def save_rng(tmp: Path, rank: int) -> None:
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-
-
 def finish(ckpt_root: Path, step: int, world_size: int, keep_last: int | None = None) -> Path:
     """Verify the temporary directory, write the manifest, rename it to ``step-N`` and prune.
     Older checkpoints are deleted only after the new one is in place."""
     tmp = tmp_dir(ckpt_root, step)
-    missing = [f"rng-rank{r}.pt" for r in range(world_size) if not (tmp / f"rng-rank{r}.pt").exists()]
-    missing += [f for f in (STATE_FILE, "config.json") if not (tmp / f).exists()]
+    missing = [_rng_file(r) for r in range(world_size) if not (tmp / _rng_file(r)).exists()]
+    missing += [f for f in (STATE_FILE, OPTIMIZER_FILE, "config.json") if not (tmp / f).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {tmp} is missing {missing}; it was not completed and the previous one is kept")
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:  # on disk before the manifest that vouches for it
+                os.fsync(f.fileno())
+            files[str(p.relative_to(tmp))] = p.stat().st_size
     write_json(tmp / COMPLETE, {"step": step, "world_size": world_size, "files": files}, indent=None)
     final = Path(ckpt_root) / f"step-{step}"
     if final.exists():  # re-saving a step after resume: move the old one aside first
@@ -102,7 +193,9 @@ def is_complete(path: Path) -> bool:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return False
-    return all((Path(path) / f).exists() for f in files)
+    if isinstance(files, list):  # manifests without sizes
+        return all((Path(path) / f).exists() for f in files)
+    return all((Path(path) / f).is_file() and (Path(path) / f).stat().st_size == size for f, size in files.items())
 
 
 def step_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -140,15 +233,33 @@ def latest(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_state(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_FILE, weights_only=False)
+def resumable(ckpt_root: Path, world_size: int) -> Path | None:
+    """The newest complete checkpoint whose state reads (:func:`verify`); a newer one that does
+    not is reported with a warning naming the file, and the one before it is tried."""
+    for path in reversed(complete_checkpoints(ckpt_root)):
+        try:
+            verify(path, world_size)
+            return path
+        except CheckpointError as err:
+            warnings.warn(f"not resuming from {path.name}: {err}; trying the checkpoint before it", stacklevel=2)
+    return None
 
 
-def load_rng(path: Path, rank: int) -> None:
-    f = Path(path) / f"rng-rank{rank}.pt"
-    if not f.exists():
-        raise CheckpointError(
-            f"{f} is missing: the checkpoint was written by a run with fewer processes; "
-            "resume with the same number of processes"
-        )
-    set_rng_state(torch.load(f, weights_only=False))
+def recover(ckpt_root: Path) -> None:
+    """Tidy what a crash during a save can leave: a ``.tmp-step-N`` folder is deleted; a
+    ``.old-step-N`` (a checkpoint being replaced by a re-save of the same step) is put back as
+    ``step-N`` when that is missing and it is complete, and deleted otherwise."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-step-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif (m := _OLD_RE.match(p.name)) is not None:
+            final = root / f"step-{m.group(1)}"
+            if not final.exists() and is_complete(p):
+                warnings.warn(f"restoring {final.name} from {p.name} (a save of that step was interrupted)", stacklevel=2)
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+    fsync_dir(root)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from effopd.errors import UserError
-from effopd.module_groups import DEFAULT_TYPE_ORDER
+from effopd.module_groups import DEFAULT_TYPE_ORDER, TYPES
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -46,6 +46,13 @@ class ModelConfig:
     base: str | None = None
     """Frozen base for G-OPD; default (null) is the student's initial weights."""
     dtype: str = "float32"
+    """Storage and compute dtype of the frozen models (teacher, G-OPD base): `float32`, `bfloat16` or `float16`.
+    The trained student always keeps float32 master weights (its optimizer steps in float32); its forward
+    runs in bf16 under train.mixed_precision=bf16."""
+
+    def __post_init__(self):
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+                 "choose float32, bfloat16 or float16 (the frozen models' dtype)")
 
 
 @dataclass
@@ -66,7 +73,8 @@ class DataConfig:
     eval_limit: int | None = 1000
     """Evaluate on at most this many held-out prompts (null = all)."""
     prompt_template: str = "{prompt}"
-    """Python format string applied to every prompt; `{prompt}` is the raw prompt."""
+    """Text around every prompt: each `{prompt}` is replaced by the raw prompt, everything else (braces too,
+    e.g. `\\boxed{}`) is kept as written. On the command line the value is taken as a plain string."""
     task_seed: int = 0
     """Seed of the embedded task's splits."""
     task_min_ops: int = 2
@@ -87,8 +95,12 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
+    generation_batch_size: int | None = None
+    """Prompts per `generate` call when sampling the batch (and EffOPD's validation); null = all at once."""
 
     def __post_init__(self):
+        _require(self.generation_batch_size is None or self.generation_batch_size > 0, "rollout.generation_batch_size",
+                 self.generation_batch_size, "must be > 0 or null")
         _require(self.batch_size > 0, "rollout.batch_size", self.batch_size, "must be > 0")
         _require(self.n > 0, "rollout.n", self.n, "must be > 0")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 for sampling")
@@ -195,7 +207,17 @@ class TrainConfig:
     score_chunk_size: int | None = None
     """Rows per teacher/base scoring pass (null = whole batch)."""
     max_nonfinite: int = 5
-    """Stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)."""
+    """Stop after this many consecutive updates with a NaN/inf loss or gradient (each is skipped)."""
+    mixed_precision: str = "auto"
+    """`bf16`: the student's forward and the scoring run under bf16 autocast over float32 master weights; `no`:
+    float32; `auto`: bf16 on a CUDA device that supports it, else no."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in the backward pass instead of keeping them (less memory, ~30% slower)."""
+    logit_chunk: int = 1024
+    """Response positions per LM-head slab: logprobs never hold more than (rows, logit_chunk, V) logits at once."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers that also receive every step's metrics, through accelerate: e.g. [tensorboard], [wandb], [mlflow]
+    (each needs its package installed). metrics.jsonl is always written and is what the report reads."""
 
     def __post_init__(self):
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
@@ -205,6 +227,12 @@ class TrainConfig:
         _require(self.keep_last is None or self.keep_last > 0, "train.keep_last", self.keep_last, "must be > 0 or null")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
         _require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be > 0")
+        _require(self.mixed_precision in ("auto", "no", "bf16"), "train.mixed_precision", self.mixed_precision,
+                 "choose auto, no or bf16")
+        _require(self.logit_chunk > 0, "train.logit_chunk", self.logit_chunk, "must be > 0")
+        known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+        bad = [t for t in self.report_to if t not in known]
+        _require(not bad, "train.report_to", self.report_to, f"unknown tracker {bad}; choose from {known}")
 
 
 @dataclass
@@ -261,6 +289,8 @@ class ExtrapolateConfig:
 
         _require(self.schedule in SCHEDULES, "extrapolate.schedule", self.schedule, f"choose one of {SCHEDULES}")
         _require(self.max_tries > 0, "extrapolate.max_tries", self.max_tries, "must be > 0")
+        bad = [m for m in self.modules if m not in TYPES]
+        _require(not bad, "extrapolate.modules", self.modules, f"unknown module types {bad}; choose from {TYPES}")
         _require(self.margin >= 0, "extrapolate.margin", self.margin, "must be >= 0")
         _require(self.score in EXTRAPOLATE_SCORES, "extrapolate.score", self.score, f"choose one of {EXTRAPOLATE_SCORES}")
         _require(self.val_prompts > 0 and self.val_samples > 0, "extrapolate.val_prompts/val_samples", (self.val_prompts, self.val_samples), "must be > 0")
@@ -308,6 +338,22 @@ def _all_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
+def _string_keys(cls, prefix: str = "") -> dict[str, bool]:
+    """Dotted keys of the config's string fields, each mapped to whether it may be null."""
+    import types
+    import typing
+
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        if is_dataclass(hint):
+            out.update(_string_keys(hint, f"{prefix}{name}."))
+        elif hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                             and str in args and all(a in (str, type(None)) for a in args)):
+            out[prefix + name] = type(None) in args
+    return out
+
+
 def _suggest(bad_key: str) -> str:
     close = difflib.get_close_matches(bad_key, _all_keys(Config), n=1, cutoff=0.5)
     return f"; did you mean `{close[0]}`?" if close else ""
@@ -341,10 +387,17 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
             layers.append(OmegaConf.load(path))
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    strings = _string_keys(Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-5)")
-    layers.append(OmegaConf.from_dotlist(list(overrides)))
+        key, value = item.split("=", 1)
+        if key in strings:  # the text as typed: no YAML reading of `Q: {prompt} A:` or `{prompt}`
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key, None if value == "null" and strings[key] else value, force_add=True)
+            layers.append(layer)
+        else:
+            layers.append(OmegaConf.from_dotlist([item]))
     try:
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)

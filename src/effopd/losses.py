@@ -9,6 +9,12 @@ token t (see DESIGN.md, "Losses"):
     lp_B      base logprob (the frozen student init; never the EffOPD anchor)
     lp_roll   the rollout engine's own logprob, when the engine differs from the trainer
 
+Temperature convention: a sampling temperature τ tempers both sides alike. The logprobs passed
+here (lp_theta, lp_old, lp_T, lp_B) and the logits given to ``generalized_jsd`` all come from
+logits / τ, so "the teacher at temperature τ" means the same in OPD, G-OPD and GKD: the
+reverse KL of OPD is KL(softmax(s/τ) || softmax(t/τ)) at the sampled token, and GKD's β = 1
+limit is the full-vocabulary form of the same divergence.
+
 Every loss returns ``(loss, metrics)`` where ``metrics`` maps short keys to python floats.
 Masked tokens (``mask_BT == 0``) contribute nothing to a loss, its gradient, or its metrics,
 whatever values they hold (inf and nan included).
@@ -21,6 +27,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # |log r| is clamped to this before exp() in the PPO loss (the bound verl uses): exp(88) already
@@ -378,26 +385,69 @@ def _logsumexp_no_nan(x_BTV: Tensor) -> Tensor:
     return m_BT1.squeeze(-1) + torch.log(total_BT.clamp(min=torch.finfo(x_BTV.dtype).tiny))
 
 
-def _top_k_with_rest(logits_BTV: Tensor, idx_BTK: Tensor, in_top_BTV: Tensor) -> Tensor:
-    """Log-probabilities under softmax(``logits_BTV``) of k + 1 outcomes: each token of
-    ``idx_BTK`` (``in_top_BTV`` marks the same tokens) and, last, all other tokens together.
+def _top_k_with_rest(logits_BCV: Tensor, idx_BCK: Tensor, valid_BC: Tensor) -> Tensor:
+    """Log-probabilities under softmax(``logits_BCV``) of k + 1 outcomes: each token of
+    ``idx_BCK`` and, last, all other tokens together; float32, rows where ``valid_BC`` is False
+    read as all-zero logits (so whatever they hold, inf and nan included, stays out).
 
-    Exact masses of the full softmax; the rest's log-mass is a log-sum-exp over the other
-    tokens' log-probabilities, accurate however small it is (1 - top-k mass would cancel). A
-    rest without tokens (k = V) or of zero mass gets log-probability log(tiny), about -87 in
-    float32, and passes no gradient.
+    Exact masses of the full softmax, from the raw logits and their logsumexp (no normalised
+    distribution is built); the rest's log-mass is a log-sum-exp over the other tokens'
+    log-probabilities, accurate however small it is (1 - top-k mass would cancel). A rest
+    without tokens (k = V) or of zero mass gets log-probability log(tiny), about -87 in
+    float32, and passes no gradient. Meant for one chunk of positions at a time: its
+    temporaries are the size of ``logits_BCV``.
     """
-    lse_BT1 = torch.logsumexp(logits_BTV, -1, keepdim=True)
-    top_BTK = logits_BTV.gather(-1, idx_BTK) - lse_BT1
-    # (logits - lse) is a fresh tensor, so filling it in place leaves autograd intact.
-    rest_BTV = (logits_BTV - lse_BT1).masked_fill_(in_top_BTV, -math.inf)
-    return torch.cat([top_BTK, _logsumexp_no_nan(rest_BTV)[..., None]], -1)
+    x_BCV = torch.where(valid_BC[..., None], logits_BCV.float(), 0.0)
+    lse_BC1 = torch.logsumexp(x_BCV, -1, keepdim=True)
+    top_BCK = x_BCV.gather(-1, idx_BCK) - lse_BC1
+    # (x - lse) is a fresh tensor, so filling it in place leaves autograd intact.
+    rest_BCV = (x_BCV - lse_BC1).scatter_(-1, idx_BCK, -math.inf)
+    return torch.cat([top_BCK, _logsumexp_no_nan(rest_BCV)[..., None]], -1)
+
+
+#: Elements (B x positions x V) of one chunk in top-k GKD: about 256 MiB per float32 temporary.
+GKD_CHUNK_ELEMENTS = 1 << 26
+
+
+def _top_k_distributions(
+    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, valid_BT: Tensor, k: int, chunk_positions: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The teacher's (P) and student's (Q) log-probabilities of the k + 1 outcomes of top-k GKD,
+    (B, T, k + 1) each: the teacher's k most likely tokens (``topk`` of its raw logits) and the
+    rest. Computed ``chunk_positions`` positions at a time (None: about ``GKD_CHUNK_ELEMENTS``
+    logits per chunk), so no (B, T, V) temporary beyond the given logits is built; with grad,
+    each student chunk is checkpointed and its backward recomputes the chunk's temporaries."""
+    B, T, V = student_logits_BTV.shape
+    if chunk_positions is None:
+        chunk_positions = max(1, GKD_CHUNK_ELEMENTS // max(1, B * V))
+    elif isinstance(chunk_positions, bool) or not isinstance(chunk_positions, numbers.Integral) or chunk_positions < 1:
+        raise ValueError(f"chunk_positions must be a positive integer (positions per chunk) or None for about "
+                         f"{GKD_CHUNK_ELEMENTS} logits per chunk, got {chunk_positions!r}.")
+    if T == 0:
+        empty = student_logits_BTV.new_zeros((B, 0, k + 1), dtype=torch.float32)
+        return empty, empty
+    checkpointed = torch.is_grad_enabled() and student_logits_BTV.requires_grad
+    lp_parts, lq_parts = [], []
+    # split() rather than slices: its backward assembles the student's (B, T, V) gradient once,
+    # where every slice's backward would allocate a zero (B, T, V) tensor of its own.
+    chunks = (x.split(chunk_positions, dim=1) for x in (student_logits_BTV, teacher_logits_BTV.detach(), valid_BT))
+    for s_BCV, t_BCV, valid_BC in zip(*chunks):
+        with torch.no_grad():
+            t_BCV = torch.where(valid_BC[..., None], t_BCV.float(), 0.0)
+            idx_BCK = t_BCV.topk(k, dim=-1).indices
+            lp_parts.append(_top_k_with_rest(t_BCV, idx_BCK, valid_BC))
+            del t_BCV
+        if checkpointed:
+            lq_parts.append(checkpoint(_top_k_with_rest, s_BCV, idx_BCK, valid_BC, use_reentrant=False))
+        else:
+            lq_parts.append(_top_k_with_rest(s_BCV, idx_BCK, valid_BC))
+    return torch.cat(lp_parts, 1), torch.cat(lq_parts, 1)
 
 
 def generalized_jsd(
     student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, *, beta: float = 0.5,
     top_k: int | None = None, agg: str = "token-mean", norm_len: float | None = None,
-    denominator: float | Tensor | None = None,
+    denominator: float | Tensor | None = None, chunk_positions: int | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 2) per token,
     between the teacher P and the student Q_theta at every response position:
@@ -414,6 +464,12 @@ def generalized_jsd(
     over the other tokens does not matter. ``top_k = V`` gives the full-vocabulary loss (the
     rest then has mass 0); None uses the full vocabulary directly.
 
+    Memory: the full-vocabulary mode builds float32 log-softmax copies of both (B, T, V)
+    logits. The top-k mode builds none: the teacher's top-k ids and log-masses come from
+    ``topk`` on its raw logits and a logsumexp, ``chunk_positions`` positions at a time (None:
+    about ``GKD_CHUNK_ELEMENTS`` logits per chunk), each student chunk checkpointed under grad;
+    only (B, T, k + 1) tensors outlive a chunk.
+
     ``agg``, ``norm_len`` and ``denominator`` are passed to ``aggregate``. Gradient flows into
     the student logits only. Metrics: ``jsd`` (the per-token mean over this batch's unmasked
     tokens, whatever ``agg``), ``teacher_mass`` (mean teacher probability of its top k tokens,
@@ -427,24 +483,22 @@ def generalized_jsd(
             f"{tuple(student_logits_BTV.shape)} and {tuple(teacher_logits_BTV.shape)}."
         )
     _check_same_shape("mask_BT", mask_BT, logits_BT=student_logits_BTV[..., 0])
-    # Zero the masked rows first: a nan/inf there would otherwise give a nan gradient through where().
-    valid_BT1 = mask_BT.bool()[..., None]
-    s_BTV = torch.where(valid_BT1, student_logits_BTV.float(), 0.0)
-    t_BTV = torch.where(valid_BT1, teacher_logits_BTV.detach().float(), 0.0)
+    # Masked rows are zeroed first: a nan/inf there would otherwise give a nan gradient through where().
+    valid_BT = mask_BT.bool()
     teacher_mass = 1.0
     if top_k is None:
+        s_BTV = torch.where(valid_BT[..., None], student_logits_BTV.float(), 0.0)
+        t_BTV = torch.where(valid_BT[..., None], teacher_logits_BTV.detach().float(), 0.0)
         lq, lp = torch.log_softmax(s_BTV, -1), torch.log_softmax(t_BTV, -1)
     else:
-        V = s_BTV.shape[-1]
+        V = student_logits_BTV.shape[-1]
         if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 < top_k <= V:
             raise ValueError(
                 f"top_k must be an integer in [1, {V}] (the vocabulary size) or None for the "
                 f"full vocabulary, got {top_k!r}."
             )
-        idx_BTK = t_BTV.topk(int(top_k), dim=-1).indices
-        in_top_BTV = torch.zeros_like(t_BTV, dtype=torch.bool).scatter_(-1, idx_BTK, True)
-        lp = _top_k_with_rest(t_BTV, idx_BTK, in_top_BTV)
-        lq = _top_k_with_rest(s_BTV, idx_BTK, in_top_BTV)
+        lp, lq = _top_k_distributions(student_logits_BTV, teacher_logits_BTV, valid_BT.to(student_logits_BTV.device),
+                                      int(top_k), chunk_positions)
         with torch.no_grad():
             teacher_mass = masked_mean(lp[..., :-1].exp().sum(-1), mask_BT).item()
 

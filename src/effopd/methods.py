@@ -10,11 +10,10 @@ Every loss of a micro-batch is divided by the normaliser of the whole (mini-)bat
 (``losses.aggregation_denominator``), so the gradients summed over micro-batches equal one pass
 over the whole batch, for every aggregation.
 
-Temperatures: the student's logprobs and logits of a sampled response are taken at
-``rollout.temperature`` (the distribution it was sampled from); the teacher and the base score
-at temperature 1 for OPD and G-OPD (the advantage is the log-ratio to the teacher's own
-distribution), while GKD compares the two next-token distributions with both tempered alike.
-SFT learns the untempered distribution.
+Temperature (one convention for every method, see ``losses.py``): ``rollout.temperature`` τ
+tempers the student's sampling distribution and every distribution it is compared with. The
+student's logprobs, the teacher's and the base's (OPD, G-OPD, EffOPD's teacher score) and both
+sides of GKD's divergence are all taken from logits / τ. SFT learns the untempered distribution.
 """
 
 from __future__ import annotations
@@ -85,6 +84,8 @@ class Method:
     """n responses per prompt form a group that the loss compares (needs rollout.n >= 2)."""
     ratio: bool = False
     """The loss is a clipped ratio to the sampling-time policy (``lp_old``)."""
+    needs_solutions: bool = False
+    """Every training example must carry a worked solution (checked before the run starts)."""
     defaults: dict = field(default_factory=dict)
     """``loss.*`` values filled when the config leaves them null (explicit values win)."""
 
@@ -95,7 +96,8 @@ class Method:
 def _sample(cfg, models: Models, model, examples) -> Rollout:
     r = cfg.rollout
     return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
-                    temperature=r.temperature, top_p=r.top_p)
+                    temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
+                    keep_logprobs=cfg.loss.rollout_is)
 
 
 def _repeat(cfg, examples) -> list:
@@ -118,15 +120,22 @@ def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     return Batch(ro, golds, metrics={"train/target_reward": sum(map(reward, ro.texts, golds)) / len(golds)})
 
 
+def check_solutions(cfg, examples) -> None:
+    """Raise naming the first example (in file order) without a worked solution."""
+    missing = next((e for e in examples if e.solution is None), None)
+    if missing is not None:
+        from effopd.data.loaders import DatasetError
+
+        raise DatasetError(
+            f"loss.method={cfg.loss.method} trains on worked solutions, but {missing.source or 'a training example'} has "
+            f"none; add a `{cfg.data.solution_field}` field to data.train (or set data.solution_field)"
+        )
+
+
 def worked_solutions(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     """The data's own worked solutions (``data.solution_field``), teacher-forced."""
     examples = draw(k)
-    missing = [e for e in examples if e.solution is None]
-    if missing:
-        raise ValueError(
-            f"loss.method=sft-gt trains on worked solutions, but {missing[0].source or 'a training example'} has none; "
-            f"add a `{cfg.data.solution_field}` field to data.train (or set data.solution_field)"
-        )
+    check_solutions(cfg, examples)
     ro = from_completions(models.tokenizer, [e.prompt for e in examples], [e.solution for e in examples])
     return Batch(ro, [e.answer for e in examples])
 
@@ -180,12 +189,16 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
 
 
 def teacher_logprobs(cfg, models: Models, batch: Batch) -> None:
-    batch.signals["teacher_logp_BT"] = score_logprobs(models.teacher, batch.rollout, chunk_size=cfg.train.score_chunk_size)
+    """The teacher's logprob of each sampled token at rollout.temperature (see the module docstring)."""
+    batch.signals["teacher_logp_BT"] = score_logprobs(models.teacher, batch.rollout, temperature=cfg.rollout.temperature,
+                                                      chunk_size=cfg.train.score_chunk_size,
+                                                      chunk_positions=cfg.train.logit_chunk)
 
 
 def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
     teacher_logprobs(cfg, models, batch)
-    batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, chunk_size=cfg.train.score_chunk_size)
+    batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, temperature=cfg.rollout.temperature,
+                                                   chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
 
 
 def sequence_advantages(cfg, models: Models, batch: Batch) -> None:
@@ -217,7 +230,7 @@ def policy_gradient(advantages: Callable) -> Callable:
     def loss(cfg, models: Models, part: Batch, denominator):
         lc, ro = cfg.loss, part.rollout
         mask_BT = ro.response_mask_BT.to(next(models.student.parameters()).device)
-        logp_BT = token_logprobs(models.student, ro, temperature=cfg.rollout.temperature)
+        logp_BT = token_logprobs(models.student, ro, temperature=cfg.rollout.temperature, chunk_positions=cfg.train.logit_chunk)
         old_logp_BT = part.signals["old_logp_BT"].to(logp_BT.device) if "old_logp_BT" in part.signals else logp_BT.detach()
         adv_BT = advantages(part, old_logp_BT, mask_BT, cfg)
         w_BT = token_is_weight(old_logp_BT, ro.logp_BT.to(old_logp_BT.device), lc.is_cap) if lc.rollout_is else None
@@ -235,7 +248,12 @@ def policy_gradient(advantages: Callable) -> Callable:
 
 def gkd_loss(cfg, models: Models, part: Batch, denominator):
     """Generalized JSD between teacher and student next-token distributions (both at
-    rollout.temperature), plus the sampled tokens' reverse KL as a metric."""
+    rollout.temperature), plus the sampled tokens' reverse KL as a metric.
+
+    Memory: both models' full (B, T, V) float32 logits are built (``response_logits``), the one
+    place in training that does. With ``loss.gkd_top_k`` nothing else of that size is: the
+    divergence takes the teacher's top-k from its raw logits chunk by chunk, and the reverse-KL
+    metric is the chosen logit minus a chunked logsumexp (no full softmax of either model)."""
     ro, t = part.rollout, cfg.rollout.temperature
     logits_BTV = response_logits(models.student, ro, t)
     mask_BT = ro.response_mask_BT.to(logits_BTV.device)
@@ -250,7 +268,7 @@ def gkd_loss(cfg, models: Models, part: Batch, denominator):
 
 def nll_loss(cfg, models: Models, part: Batch, denominator):
     """Cross-entropy of the batch's responses under the (untempered) student."""
-    logp_BT = token_logprobs(models.student, part.rollout)
+    logp_BT = token_logprobs(models.student, part.rollout, chunk_positions=cfg.train.logit_chunk)
     mask_BT = part.rollout.response_mask_BT.to(logp_BT.device)
     return sft_loss(logp_BT, mask_BT, agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
 
@@ -275,7 +293,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dapo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
            defaults={"clip_eps_high": 0.28, "dynamic_sampling": True, "overlong_penalty": 1.0}),
     Method("sft", teacher_samples, nll_loss, needs_teacher=True),
-    Method("sft-gt", worked_solutions, nll_loss),
+    Method("sft-gt", worked_solutions, nll_loss, needs_solutions=True),
 )}
 
 

@@ -1,17 +1,22 @@
 """Sampling responses from the student with Hugging Face ``generate`` (KV cache on).
 
 Returns everything later stages need as padded tensors: left-padded prompts, right-padded
-responses, the response mask (real tokens up to and including the first EOS) and the sampling
-engine's own per-token logprobs ``logp_BT`` (under the temperature-scaled distribution it
-sampled from).
+responses, the response mask (real tokens up to and including the first end-of-sequence token,
+any of the model's EOS ids) and, on request (``keep_logprobs``), the sampling engine's own
+per-token logprobs ``logp_BT`` (under the temperature-scaled distribution it sampled from).
+
+Generation keeps only what the loss needs: ``generate`` is never asked for its per-step logits
+(a (B, T, V) float32 stack); with ``keep_logprobs`` each step's logits are reduced to the
+sampled token's logprob as they are produced.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -36,11 +41,82 @@ class Rollout:
         )
 
 
-def response_mask(response_ids_BT: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first EOS, 0 after it."""
-    is_eos = (response_ids_BT == eos_token_id).long()
+def _id_list(ids, name: str) -> list[int]:
+    """``ids`` (an int or an iterable of ints) as a list of ints, in order, without repeats."""
+    items = [ids] if isinstance(ids, numbers.Integral) or isinstance(ids, torch.Tensor) and ids.dim() == 0 else list(ids)
+    out: list[int] = []
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, (numbers.Integral, torch.Tensor)):
+            raise ValueError(f"{name}={ids!r} must be a token id or a list of token ids; got the item {x!r}")
+        if int(x) not in out:
+            out.append(int(x))
+    if not out:
+        raise ValueError(f"{name}={ids!r} holds no token id; pass at least one end-of-sequence id")
+    return out
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The end-of-sequence ids a response may end with: the model's
+    ``generation_config.eos_token_id`` (an int or a list; Qwen3 lists two) followed by the
+    tokenizer's ``eos_token_id``, without repeats."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for source in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        if source is not None:
+            ids += [i for i in _id_list(source, "eos_token_id") if i not in ids]
+    if not ids:
+        raise ValueError(
+            f"neither {type(model).__name__}.generation_config.eos_token_id nor the tokenizer's eos_token_id is set, "
+            "so a response could never end; set tokenizer.eos_token or pass eos_token_ids=[...] to generate"
+        )
+    return ids
+
+
+def response_mask(response_ids_BT: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first end-of-sequence token (any id in
+    ``eos_token_id``, an int or a list), 0 after it."""
+    eos = torch.tensor(_id_list(eos_token_id, "eos_token_id"), dtype=response_ids_BT.dtype, device=response_ids_BT.device)
+    is_eos = torch.isin(response_ids_BT, eos).long()
     eos_before = torch.cumsum(is_eos, dim=-1) - is_eos
     return (eos_before == 0).long()
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records ``log softmax(logits / temperature)[sampled token]`` step by step during
+    ``generate``, holding one step's (B, V) row at a time instead of every step's logits.
+
+    ``generate`` runs custom processors before its temperature and top-p warpers, so each call
+    sees the raw next-token logits; the token chosen from them is only known at the next call
+    (the last column of ``input_ids``), or, for the last step, from the finished sequences
+    (:meth:`logprobs`)."""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(temperature)
+        self.steps: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None  # (B, V) log-probabilities of the step not yet resolved
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pending is not None:
+            self.steps.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logits_BV = scores.float()
+        if self.temperature != 1.0:
+            logits_BV = logits_BV / self.temperature
+        self._pending = torch.log_softmax(logits_BV, dim=-1)
+        return scores
+
+    def logprobs(self, response_ids_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T) logprobs of the generated tokens ``response_ids_BT`` (the sequences after the prompt)."""
+        T = response_ids_BT.shape[1]
+        steps = list(self.steps[:T])
+        if len(steps) < T and self._pending is not None:
+            steps.append(self._pending.gather(-1, response_ids_BT[:, len(steps), None].to(self._pending.device)).squeeze(-1))
+        self._pending = None
+        if len(steps) != T:
+            raise RuntimeError(f"_SampledLogprobs saw {len(steps)} generation steps for {T} generated tokens; "
+                               "use a fresh recorder for every generate call")
+        if not steps:
+            return torch.zeros(response_ids_BT.shape, dtype=torch.float32, device=response_ids_BT.device)
+        return torch.stack(steps, dim=1)
 
 
 @torch.no_grad()
@@ -54,51 +130,81 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int | None = None,
+    eos_token_ids: int | list[int] | None = None,
+    keep_logprobs: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts for n > 1). Randomness comes from the
-    global torch generator: callers that must not disturb it wrap the call in ``isolated_rng``."""
+    """Sample one response per prompt (repeat prompts for n > 1), ``batch_size`` prompts per
+    ``generate`` call (None: all at once). Randomness comes from the global torch generator:
+    callers that must not disturb it wrap the call in ``isolated_rng``.
+
+    A response ends at the first of ``eos_token_ids`` (None: :func:`eos_ids`, the model's
+    generation-config EOS ids and the tokenizer's); its mask covers the real tokens up to and
+    including that token, and later positions hold the pad id.
+
+    ``logp_BT`` is the sampler's logprob of each token under softmax(logits / temperature)
+    (softmax(logits) when greedy), before top-p truncation, when ``keep_logprobs`` is True
+    (needed for ``loss.rollout_is``); otherwise it is all zeros and no logits are kept.
+
+    Sampling uses exactly ``temperature`` and ``top_p``: the model's own generation-config
+    sampling defaults (Qwen3 ships top_k=20, temperature=0.6, top_p=0.95) are overridden, so the
+    sampled distribution is the one the trainer scores."""
     if not prompts:
-        raise ValueError("generate: got no prompts")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use greedy decoding instead")
+        raise ValueError("generate: got no prompts; pass at least one prompt string")
+    if not greedy and not (isinstance(temperature, numbers.Real) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}; use greedy decoding instead")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+        raise ValueError(f"generate: batch_size={batch_size!r} must be a positive integer (prompts per generate call) or None for all")
+    eos = eos_ids(model, tokenizer) if eos_token_ids is None else _id_list(eos_token_ids, "eos_token_ids")
     batch_size = batch_size or len(prompts)
     parts = [
-        _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy)
+        _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs)
         for i in range(0, len(prompts), batch_size)
     ]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy) -> Rollout:
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs) -> Rollout:
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None,
+        temperature=1.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        # Explicit neutral values: generate fills every unset (None) field from the model's own
+        # generation_config, e.g. Qwen3's top_k=20, which would truncate the distribution sampled.
+        top_k=0,
+        repetition_penalty=1.0,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id,
-        return_dict_in_generate=True,
-        output_logits=True,
+        # Only the token ids come back: no per-step logits or scores, and no KV cache held
+        # beyond the call (a returned output object would keep it alive).
+        return_dict_in_generate=False,
+        output_logits=False,
+        output_scores=False,
         use_cache=True,
     )
+    recorder = _SampledLogprobs(1.0 if greedy else temperature) if keep_logprobs else None
+    extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
     was_training = model.training
     model.eval()
-    out = model.generate(**enc, generation_config=gen_cfg)
-    model.train(was_training)
+    try:
+        sequences = model.generate(**enc, generation_config=gen_cfg, **extra)
+    finally:
+        model.train(was_training)
     P = enc["input_ids"].shape[1]
-    response_ids_BT = out.sequences[:, P:]
-    logits_BTV = torch.stack(out.logits, dim=1).float()
-    if not greedy:
-        logits_BTV = logits_BTV / temperature
-    logp_BT = torch.log_softmax(logits_BTV, -1).gather(-1, response_ids_BT.unsqueeze(-1)).squeeze(-1)
-    mask_BT = response_mask(response_ids_BT, tokenizer.eos_token_id)
+    response_ids_BT = sequences[:, P:]
+    mask_BT = response_mask(response_ids_BT, eos)
+    if recorder is not None:
+        logp_BT = torch.where(mask_BT.bool(), recorder.logprobs(response_ids_BT), 0.0)
+    else:
+        logp_BT = torch.zeros(response_ids_BT.shape, dtype=torch.float32, device=device)
     response_ids_BT = torch.where(mask_BT.bool(), response_ids_BT, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(response_ids_BT, skip_special_tokens=True)
-    return Rollout(enc["input_ids"], enc["attention_mask"], response_ids_BT, mask_BT, logp_BT * mask_BT, texts)
+    # The text is what precedes the end-of-sequence token, whichever EOS id it is (a special token or not).
+    before_eos_BT = mask_BT.bool() & ~torch.isin(response_ids_BT, torch.tensor(eos, device=response_ids_BT.device))
+    texts = tokenizer.batch_decode(torch.where(before_eos_BT, response_ids_BT, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(enc["input_ids"], enc["attention_mask"], response_ids_BT, mask_BT, logp_BT, texts)
 
 
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:

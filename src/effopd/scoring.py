@@ -1,54 +1,224 @@
 """Per-token log-probabilities of given response tokens under any causal LM.
 
-One function serves the teacher, the frozen base, the old policy (all under ``torch.no_grad``)
-and the trainer's own differentiable forward pass: the response is appended to its left-padded
-prompt, positions are counted over real tokens only (so padding never shifts them), and only
-the last ``T + 1`` positions go through the LM head.
+One function, :func:`token_logprobs`, serves the teacher, the frozen base, the old policy (all
+under ``torch.no_grad``, through :func:`score`) and the trainer's own differentiable forward
+pass. The response is appended to its left-padded prompt and positions are counted over real
+tokens only, so padding never shifts them.
+
+Memory: the vocabulary is large (151,936 for Qwen3), so full logits of a long response do not
+fit: at T = 16k positions one row of float32 logits is about 10 GB. ``token_logprobs`` therefore
+never builds the (B, T, V) logits. It takes the final hidden states (B, T, H) of the positions
+that predict the response, then applies the LM head ``chunk_positions`` positions at a time and
+reduces each (B, chunk, V) slab to the chosen token's logit minus the logsumexp (in float32).
+With grad enabled each chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so the
+backward pass recomputes the slab of one chunk at a time instead of keeping all of them.
+
+:func:`response_logits` is the one function here that builds the full (B, T, V) logits; GKD's
+full-vocabulary divergence needs them.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from effopd.rollout import Rollout
 
+CHUNK_POSITIONS = 1024
+"""Default positions per LM-head chunk. For one row and Qwen3's V = 151,936 a float32 slab of
+1024 positions is 0.62 GB (the chunk's backward holds a few such slabs at its peak), against
+10 GB for the full float32 logits of a 16k-token response; 1024 rows per LM-head matmul are
+enough to keep a GPU's matrix units busy, and a 16k response takes 16 chunks."""
 
-def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """Float logits ``(B, T, V)`` of the positions that predict each response token (divided by
-    ``temperature``). Differentiable when grad is enabled."""
+
+def _sequence(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and position ids (B, P + T) of prompt + response, positions
+    counted over real tokens (left padding does not shift them)."""
     ids_BL = torch.cat([rollout.prompt_ids_BP, rollout.response_ids_BT], dim=1)
     mask_BL = torch.cat([rollout.prompt_mask_BP, rollout.response_mask_BT], dim=1)
     pos_BL = (torch.cumsum(mask_BL, dim=1) - 1).clamp(min=0)
+    return ids_BL, mask_BL, pos_BL
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _unwrap(model):
+    """The model inside a DistributedDataParallel-style wrapper (``.module``), else ``model``."""
+    while isinstance(model, torch.nn.Module) and not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _is_wrapper(model) -> bool:
+    return _unwrap(model) is not model
+
+
+def _lm_head(model) -> torch.nn.Module:
+    """The output embedding of ``model`` (unwrapped), checked to be the last step to the logits."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(
+            f"token_logprobs: {type(inner).__name__} has no output embeddings (get_output_embeddings() gave None); "
+            "pass a causal language model such as AutoModelForCausalLM.from_pretrained(...)"
+        )
+    cfg = getattr(inner, "config", None)
+    for key, neutral in (("final_logit_softcapping", None), ("logit_scale", 1), ("logits_scaling", 1)):
+        value = getattr(cfg, key, None)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"token_logprobs: {type(inner).__name__} transforms its logits after the LM head (config.{key}={value}), "
+                "which the chunked scoring does not reproduce; use a model whose logits are lm_head(final hidden state) "
+                "(Llama, Qwen, Mistral families)"
+            )
+    return head
+
+
+def _check_chunk(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer (positions per LM-head chunk); "
+                         f"the default is {CHUNK_POSITIONS}")
+    return int(value)
+
+
+def _check_temperature(temperature) -> float:
+    if not (isinstance(temperature, numbers.Real) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a number > 0 (the logits are divided by it); "
+                         "use 1.0 for the untempered distribution")
+    return float(temperature)
+
+
+def _decoder(model) -> torch.nn.Module:
+    inner = _unwrap(model)
+    try:
+        return inner.get_decoder()
+    except (AttributeError, ValueError, NotImplementedError) as err:
+        raise ValueError(
+            f"token_logprobs: cannot find the decoder of {type(inner).__name__} (get_decoder() failed: {err}); "
+            "pass a causal language model such as AutoModelForCausalLM.from_pretrained(...)"
+        ) from err
+
+
+def _last_hidden_state(output) -> torch.Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def response_hidden_states(model, rollout: Rollout) -> torch.Tensor:
+    """Final hidden states (B, T, H) at the positions that predict each response token: the
+    decoder's output after its last norm, which the LM head turns into logits.
+
+    With grad enabled, or when ``model`` is a DistributedDataParallel-style wrapper, ``model``
+    itself is called (``logits_to_keep=1``: the LM head sees one position) and a forward hook on
+    its decoder captures the decoder's output, so that a DDP wrapper's forward runs and
+    synchronises the gradients. (This is ``out.hidden_states[-1]`` of
+    ``output_hidden_states=True`` in transformers 5, without keeping every layer's states or
+    having accelerate convert each of them to float32.) Otherwise (frozen teacher/base under
+    no_grad) the decoder alone runs."""
     T = rollout.response_ids_BT.shape[1]
-    device = next(model.parameters()).device
-    out = model(
-        input_ids=ids_BL.to(device),
-        attention_mask=mask_BL.to(device),
-        position_ids=pos_BL.to(device),
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
+    ids_BL, mask_BL, pos_BL = (x.to(_device(model)) for x in _sequence(rollout))
+    inputs = {"input_ids": ids_BL, "attention_mask": mask_BL, "position_ids": pos_BL, "use_cache": False}
+    decoder = _decoder(model)
+    if torch.is_grad_enabled() or _is_wrapper(model):
+        captured = []
+        handle = decoder.register_forward_hook(lambda module, args, output: captured.append(_last_hidden_state(output)))
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"token_logprobs: the decoder of {type(_unwrap(model)).__name__} ran {len(captured)} times "
+                               "in one forward pass (expected once); score this model without chunking (response_logits)")
+        h_BLH = captured[0]
+    else:
+        h_BLH = _last_hidden_state(decoder(**inputs))
+    return h_BLH[:, h_BLH.shape[1] - T - 1 : h_BLH.shape[1] - 1]
+
+
+def _chunk_logprobs(head: torch.nn.Module, h_BCH: torch.Tensor, ids_BC: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(head(h) / temperature)[ids]`` (B, C), in float32, from one (B, C, V) slab."""
+    logits_BCV = head(h_BCH).float()
+    if temperature != 1.0:
+        logits_BCV = logits_BCV / temperature
+    chosen_BC = logits_BCV.gather(-1, ids_BC.unsqueeze(-1)).squeeze(-1)
+    return chosen_BC - torch.logsumexp(logits_BCV, dim=-1)
+
+
+def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
+                   chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """``logp_BT[b, t] = log softmax(logits / temperature)[response_ids_BT[b, t]]`` at the
+    position that predicts the token; 0 on padding. Float32, differentiable when grad is enabled.
+
+    Never holds the (B, T, V) logits: the LM head runs on ``chunk_positions`` positions at a
+    time and each slab is reduced to the chosen token's logprob (logsumexp in float32). With
+    grad, each chunk is checkpointed (non-reentrant), so its backward recomputes the slab. A
+    chunk whose positions are all padding is skipped (its logprobs are 0), except the first
+    under grad: an all-padding micro-batch still backpropagates (zeros) into every parameter."""
+    temperature = _check_temperature(temperature)
+    chunk_positions = _check_chunk("chunk_positions", chunk_positions)
+    head = _lm_head(model)
+    h_BTH = response_hidden_states(model, rollout)
+    B, T = rollout.response_ids_BT.shape
+    ids_BT = rollout.response_ids_BT.to(h_BTH.device)
+    mask_BT = rollout.response_mask_BT.to(h_BTH.device)
+    if T == 0:
+        return torch.zeros((B, 0), dtype=torch.float32, device=h_BTH.device)
+    grad = torch.is_grad_enabled()
+    parts = []
+    # split() rather than slices: its backward assembles the gradient of h once, where every
+    # slice's backward would allocate a zero (B, T, H) tensor of its own.
+    for i, (h_BCH, ids_BC, mask_BC) in enumerate(zip(*(x.split(chunk_positions, dim=1) for x in (h_BTH, ids_BT, mask_BT)))):
+        # Under grad the first chunk always runs, so that the result depends on every parameter
+        # even when all tokens are padding (backward works, and DDP sees every gradient).
+        if not mask_BC.any() and not (grad and i == 0):
+            parts.append(torch.zeros(mask_BC.shape, dtype=torch.float32, device=h_BTH.device))
+        elif grad:
+            parts.append(checkpoint(_chunk_logprobs, head, h_BCH, ids_BC, temperature, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h_BCH, ids_BC, temperature))
+    return torch.where(mask_BT.bool(), torch.cat(parts, dim=1), 0.0)
+
+
+@torch.no_grad()
+def score(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None, *,
+          chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """:func:`token_logprobs` without grad, ``chunk_size`` rows per forward pass (None: all) to
+    bound activation memory, ``chunk_positions`` positions per LM-head chunk."""
+    B = rollout.response_ids_BT.shape[0]
+    if chunk_size is not None:
+        _check_chunk("chunk_size", chunk_size)
+    chunk_size = chunk_size or B
+    parts = [token_logprobs(model, rollout.select(slice(i, i + chunk_size)), temperature, chunk_positions=chunk_positions)
+             for i in range(0, B, chunk_size)]
+    return torch.cat(parts, dim=0)
+
+
+def response_logits(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Float32 logits (B, T, V) of the positions that predict each response token, divided by
+    ``temperature``; differentiable when grad is enabled. This builds the full (B, T, V) tensor
+    (GKD's full-vocabulary divergence needs it); everything that only needs the chosen tokens'
+    logprobs uses :func:`token_logprobs`, which does not."""
+    temperature = _check_temperature(temperature)
+    ids_BL, mask_BL, pos_BL = (x.to(_device(model)) for x in _sequence(rollout))
+    T = rollout.response_ids_BT.shape[1]
+    out = model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, logits_to_keep=T + 1, use_cache=False)
     logits_BTV = out.logits[:, :-1].float()
     return logits_BTV / temperature if temperature != 1.0 else logits_BTV
 
 
-def gather_logprobs(logits_BTV: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """``log softmax(logits)[response token]`` per position; 0 on padding."""
-    response_BT = rollout.response_ids_BT.to(logits_BTV.device)
-    logp_BT = torch.log_softmax(logits_BTV, dim=-1).gather(-1, response_BT.unsqueeze(-1)).squeeze(-1)
-    return logp_BT * rollout.response_mask_BT.to(logits_BTV.device)
-
-
-def token_logprobs(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """``logp_BT[b, t] = log softmax(logits / temperature)[response_ids_BT[b, t]]`` at the
-    position that predicts it; 0 on padding. Differentiable when grad is enabled."""
-    return gather_logprobs(response_logits(model, rollout, temperature), rollout)
-
-
-@torch.no_grad()
-def score(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:
-    """``token_logprobs`` without grad, ``chunk_size`` rows at a time to bound activation memory."""
-    B = rollout.response_ids_BT.shape[0]
-    chunk_size = chunk_size or B
-    parts = [token_logprobs(model, rollout.select(slice(i, i + chunk_size)), temperature) for i in range(0, B, chunk_size)]
-    return torch.cat(parts, dim=0)
+def gather_logprobs(logits_BTV: torch.Tensor, rollout: Rollout, *, chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """``log softmax(logits)[response token]`` per position (float32), 0 on padding: the chosen
+    logit minus the logsumexp, ``chunk_positions`` positions at a time, so no normalised
+    (B, T, V) copy of ``logits_BTV`` is built."""
+    chunk_positions = _check_chunk("chunk_positions", chunk_positions)
+    ids_BT = rollout.response_ids_BT.to(logits_BTV.device)
+    if logits_BTV.shape[1] == 0:
+        return torch.zeros(ids_BT.shape, dtype=torch.float32, device=logits_BTV.device)
+    parts = []
+    for x_BCV, ids_BC in zip(logits_BTV.split(chunk_positions, dim=1), ids_BT.split(chunk_positions, dim=1)):
+        x_BCV = x_BCV.float()
+        parts.append(x_BCV.gather(-1, ids_BC[..., None]).squeeze(-1) - torch.logsumexp(x_BCV, -1))
+    return torch.where(rollout.response_mask_BT.to(logits_BTV.device).bool(), torch.cat(parts, dim=1), 0.0)

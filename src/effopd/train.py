@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -28,20 +29,23 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from effopd import checkpoint as ckpt
-from effopd.config import Config, from_yaml_text, to_yaml
+from effopd.config import Config, ConfigError, from_yaml_text, to_yaml
 from effopd.data import load_split
+from effopd.data.loaders import DatasetError
 from effopd.errors import RunStopped, UserError
 from effopd.evaluate import evaluate_model
 from effopd.extrapolate import Extrapolator, Score
-from effopd.methods import METHODS, Batch, Method, Models, micro_batch_denominator
-from effopd.metrics import MetricsLog
+from effopd.methods import METHODS, Batch, Method, Models, check_solutions, micro_batch_denominator
+from effopd.metrics import MetricsLog, read_metrics
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
-from effopd.module_groups import module_group
+from effopd.module_groups import UnknownParameterError, module_group
 from effopd.rewards import reward
 from effopd.rollout import generate
 from effopd.scoring import score as score_logprobs
@@ -130,6 +134,43 @@ class PromptSampler:
         self.epoch, self.cursor = s["epoch"], s["cursor"]
 
 
+def mixed_precision(cfg: Config, use_cpu: bool) -> str:
+    """accelerate's mixed_precision for ``train.mixed_precision`` (``auto``: bf16 on a CUDA device
+    that supports it, else no)."""
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mp
+
+
+def tracker_config(cfg: Config) -> dict:
+    """The resolved config as flat ``group.key`` scalars (lists as strings), for trackers' run pages."""
+    from omegaconf import OmegaConf
+
+    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in flat.items()}
+
+
+def check_context(cfg: Config, models: Models, sets: dict[str, list]) -> None:
+    """Refuse a run whose longest prompt plus ``max_new_tokens`` exceeds a model's context
+    (``max_position_embeddings``), naming the lengths, before any step runs."""
+    longest, where = 0, ""
+    for key, examples in sets.items():
+        if examples:
+            n = max(len(ids) for ids in models.tokenizer([e.prompt for e in examples])["input_ids"])
+            if n > longest:
+                longest, where = n, key
+    new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    for role, model in (("student", models.student), ("teacher", models.teacher), ("base", models.base)):
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit and longest + new > limit:
+            raise ConfigError(
+                f"the longest prompt ({longest} tokens, in {where}) plus max_new_tokens ({new}) is {longest + new} "
+                f"tokens, beyond the {role}'s context of {limit} (max_position_embeddings); shorten the prompts or lower "
+                "rollout.max_new_tokens / eval.max_new_tokens"
+            )
+
+
 def needs_teacher(cfg: Config) -> bool:
     """The method's need, or EffOPD scoring candidates by the teacher's logprob."""
     x = cfg.extrapolate
@@ -140,17 +181,39 @@ def updates_per_batch(cfg: Config) -> int:
     return cfg.loss.ppo_epochs * cfg.loss.mini_batches
 
 
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "trackers", "analysis", "report.html")
+"""What a run writes in its directory: all that ``--overwrite`` ever deletes."""
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
+
+
 def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Never overwrite a run silently: a non-empty run directory needs ``--resume`` (continue it)
-    or ``--overwrite`` (delete it). Only checks; nothing is written until the inputs loaded."""
+    or ``--overwrite`` (delete the run in it), and ``--overwrite`` never touches a directory that
+    does not hold a run. Only checks; nothing is written until the inputs loaded."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory; pass a directory (it is created if missing)")
     saved = run_dir / "config.yaml"
     occupied = run_dir.exists() and any(run_dir.iterdir())
+    if resume and not holds_run(run_dir):
+        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml, metrics.jsonl or checkpoints/)"
+        raise RunDirError(f"--resume: run directory {run_dir} {what}; check the path, or drop --resume to start a new run")
+    if occupied and overwrite and not holds_run(run_dir):
+        foreign = sorted(p.name for p in run_dir.iterdir())[:3]
+        raise RunDirError(
+            f"--overwrite: {run_dir} is not empty and holds no run (e.g. {foreign}); --overwrite deletes only a run's "
+            "files, never other files. Pass a new or empty directory"
+        )
     if occupied and not (resume or overwrite):
         raise RunDirError(
             f"run directory {run_dir} already holds a run; pass --resume to continue it or "
             "--overwrite to delete it and start again"
+            if holds_run(run_dir) else
+            f"run directory {run_dir} is not empty and holds no run; pass a new or empty directory"
         )
     if resume and saved.exists():
         old = from_yaml_text(saved.read_text())
@@ -163,9 +226,15 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> 
 
 
 def init_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> None:
-    """Create (or, with ``overwrite``, recreate) the run directory and save the resolved config."""
+    """Create the run directory (with ``overwrite``, first delete the run's own entries,
+    ``RUN_ENTRIES``, and nothing else) and save the resolved config."""
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        for name in RUN_ENTRIES:
+            p = run_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
@@ -194,7 +263,7 @@ def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
     if needs_teacher(cfg):
         check_same_vocab(tok, load_tokenizer(m.teacher, "teacher"), m.student, m.teacher)
         teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
-    student = load_model(student_path or m.student, "student", m.dtype, device)
+    student = load_model(student_path or m.student, "student", "float32", device)  # float32 master weights
     base = None
     if method.needs_base:  # the frozen student *init*, never a resumed checkpoint
         base = freeze(load_model(m.base or m.student, "student", m.dtype, device))
@@ -229,9 +298,12 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
     sums: dict[str, float] = {"loss": 0.0}
     for i in range(0, B, mb):
         part = batch.select(slice(i, i + mb))
-        loss, m = method.loss(cfg, models, part, denominator)
         last = i + mb >= B
+        # DDP decides in the forward whether the backward all-reduces: both go inside no_sync, so
+        # only the last micro-batch synchronises the accumulated gradient
         with accelerator.no_sync(models.student) if not last else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss, m = method.loss(cfg, models, part, denominator)
             accelerator.backward(loss)
         sums["loss"] += loss.item()
         rows = part.rollout.response_ids_BT.shape[0]
@@ -264,11 +336,13 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
     optimizer update each. An update whose loss or gradient is not finite is skipped (weights
     and optimizer state stay as they were). Metrics are means over the updates."""
     t0 = time.time()
-    if method.prepare is not None:
-        method.prepare(cfg, models, batch)
-    if method.ratio and updates_per_batch(cfg) > 1:
-        batch.signals["old_logp_BT"] = score_logprobs(models.student, batch.rollout, temperature=cfg.rollout.temperature,
-                                                      chunk_size=cfg.train.score_chunk_size)
+    with accelerator.autocast():
+        if method.prepare is not None:
+            method.prepare(cfg, models, batch)
+        if method.ratio and updates_per_batch(cfg) > 1:
+            batch.signals["old_logp_BT"] = score_logprobs(models.student, batch.rollout, temperature=cfg.rollout.temperature,
+                                                          chunk_size=cfg.train.score_chunk_size,
+                                                          chunk_positions=cfg.train.logit_chunk)
     t_score = time.time() - t0
     updates = []
     for _ in range(cfg.loss.ppo_epochs):
@@ -294,11 +368,20 @@ ANCHOR_FILE = "extrapolate_anchor.safetensors"
 def make_extrapolator(cfg: Config, model) -> Extrapolator:
     """EffOPD over the 2-D weights of the configured module types (logged at start-up)."""
     x = cfg.extrapolate
-    params = {n: p for n, p in model.named_parameters() if p.ndim == 2 and module_group(n).type in x.modules}
+    params = {n: p for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in x.modules}
     return Extrapolator(
         params, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, trigger_steps=x.trigger_steps,
         max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, max_gain=x.max_gain, storage=x.storage,
     )
+
+
+def _group_type(name: str) -> str | None:
+    """The module type of parameter ``name``, or None for a naming ``module_group`` does not know
+    (fused ``qkv_proj``/``gate_up_proj`` variants, MoE routers): such tensors are left out."""
+    try:
+        return module_group(name).type
+    except UnknownParameterError:
+        return None
 
 
 def validation_scorer(cfg: Config, model, models: Models, val_set, seed: int):
@@ -313,11 +396,13 @@ def validation_scorer(cfg: Config, model, models: Models, val_set, seed: int):
     def score() -> Score:
         with isolated_rng(seed):
             ro = generate(model, models.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy)
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy,
+                          batch_size=cfg.rollout.generation_batch_size)
         if x.score == "reward":
             per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
         else:
-            lp_BT = score_logprobs(models.teacher, ro, chunk_size=cfg.train.score_chunk_size)
+            lp_BT = score_logprobs(models.teacher, ro, temperature=cfg.rollout.temperature, chunk_size=cfg.train.score_chunk_size,
+                                   chunk_positions=cfg.train.logit_chunk)
             per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
         per_prompt = per_sample.view(len(examples), k).mean(-1)
         noise = float(per_prompt.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
@@ -330,7 +415,7 @@ def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, schedule
     root = run_dir / "checkpoints"
     try:
         _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # a full disk surfaces from safetensors as SafetensorError
         shutil.rmtree(ckpt.tmp_dir(root, step), ignore_errors=True)
         previous = ckpt.latest(root)
         raise ckpt.CheckpointError(
@@ -344,11 +429,11 @@ def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler
         tmp = ckpt.begin(root, step)
         accelerator.unwrap_model(models.student).save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
         if extrapolator is not None:
             state["extrapolate"] = extrapolator.state_dict()
             save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / ANCHOR_FILE)
-        torch.save(state, tmp / ckpt.STATE_FILE)
+        ckpt.save_state(tmp, state, optimizer.state_dict())
     accelerator.wait_for_everyone()
     ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index)
     accelerator.wait_for_everyone()
@@ -381,27 +466,59 @@ class Run:
         return self.accelerator.unwrap_model(self.models.student)
 
 
+def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
+    """The run's ``Accelerator``: device, mixed precision and trackers from ``cfg.train``."""
+    from accelerate.state import AcceleratorState
+
+    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    mp = mixed_precision(cfg, use_cpu)
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mp) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one state per process and refuses a second precision; a single process
+        # that trains again (a notebook, the demo, tests) starts it afresh instead.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=use_cpu, mixed_precision=mp, log_with=list(cfg.train.report_to) or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "trackers")))
+
+
 def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     """Check the inputs and load everything before the run directory is touched (a failed start
     leaves nothing behind), then create it."""
-    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=use_cpu)
-    is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_run_dir(cfg, run_dir, resume, overwrite)
-    if cfg.rollout.batch_size % world:
-        raise ValueError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes")
-
-    resume_from = ckpt.latest(run_dir / "checkpoints") if resume else None
     train_set, eval_set = load_split(cfg.data.train, cfg.data, "train"), load_split(cfg.data.eval, cfg.data, "eval")
     if not train_set:
-        raise ValueError(f"data.train={cfg.data.train} holds no examples")
+        raise DatasetError(f"data.train={cfg.data.train} holds no examples; point it at a prompt set with at least one row")
+    if METHODS[cfg.loss.method].needs_solutions:
+        check_solutions(cfg, train_set)
+    accelerator = make_accelerator(cfg, run_dir)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    if cfg.rollout.batch_size % world:
+        raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes; "
+                          f"use a multiple of {world} or launch fewer processes")
+
+    resume_from = None
+    if resume:
+        if is_main:
+            ckpt.recover(run_dir / "checkpoints")
+        accelerator.wait_for_everyone()
+        resume_from = ckpt.resumable(run_dir / "checkpoints", world)
+        if resume_from is None:
+            raise RunDirError(
+                f"--resume: {run_dir / 'checkpoints'} holds no complete, readable checkpoint, so there is nothing to "
+                "continue from; start again with --overwrite (the run's files are replaced)"
+            )
     val_set = load_split(cfg.data.val, cfg.data, "val") if cfg.extrapolate.enabled else None
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
     models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from else None)
+    check_context(cfg, models, {"data.train": train_set, "data.eval": eval_set, "data.val": val_set or []})
     accelerator.wait_for_everyone()  # every process checked the old run dir before it changes
     if is_main:
         init_run_dir(cfg, run_dir, overwrite)
     accelerator.wait_for_everyone()
+    if cfg.train.report_to:
+        accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
+    if cfg.train.gradient_checkpointing:
+        models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(models.student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -444,7 +561,8 @@ def evaluate_now(run: Run, step: int) -> dict:
     """Evaluate the student on the held-out set (main process) and write ``eval/step-N.jsonl``."""
     metrics = {}
     if run.accelerator.is_main_process:
-        metrics = evaluate_step(run.cfg, run.unwrapped, run.models.tokenizer, run.eval_set, run.run_dir, step)
+        with run.accelerator.autocast():
+            metrics = evaluate_step(run.cfg, run.unwrapped, run.models.tokenizer, run.eval_set, run.run_dir, step)
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -464,8 +582,16 @@ def drawer(run: Run):
 def extrapolate_now(run: Run, step: int) -> dict:
     """One EffOPD search after the update of ``step``; its metrics."""
     x = run.extrapolator
-    rec = x.search(step, validation_scorer(run.cfg, run.unwrapped, run.models, run.val_set, run.cfg.extrapolate.val_seed + len(x.history)))
+    with run.accelerator.autocast():
+        rec = x.search(step, validation_scorer(run.cfg, run.unwrapped, run.models, run.val_set, run.cfg.extrapolate.val_seed + len(x.history)))
     return {**rec.metrics(), "extrapolate/total_seconds": x.total_seconds}
+
+
+def log(run: Run, step: int, metrics: dict) -> None:
+    """One row of metrics.jsonl, and the numeric entries to the configured trackers."""
+    run.log.log(step, metrics)
+    if run.cfg.train.report_to:
+        run.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
 def _checkpoint(run: Run, step: int) -> None:
@@ -476,8 +602,14 @@ def _checkpoint(run: Run, step: int) -> None:
 def loop(run: Run, start: int, progress: bool) -> dict:
     """Steps ``start + 1 .. train.steps``; returns the final evaluation metrics."""
     cfg, acc = run.cfg, run.accelerator
+    if start >= cfg.train.steps:
+        if acc.is_main_process:
+            print(f"{run.run_dir} already finished: its newest checkpoint is step {start} and train.steps={cfg.train.steps}; "
+                  f"nothing to do. Raise train.steps (e.g. train.steps={start + cfg.train.steps}) with --resume to train on")
+        rows = read_metrics(run.run_dir / "metrics.jsonl")[0]
+        return {k: v for r in rows if r.get("step", -1) <= start for k, v in r.items() if k.startswith("eval/")}
     if start == 0 and cfg.train.eval_every:
-        run.log.log(0, evaluate_now(run, 0))
+        log(run, 0, evaluate_now(run, 0))
     draw, per_rank = drawer(run), cfg.rollout.batch_size // acc.num_processes
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="train", disable=not (progress and acc.is_main_process),
                initial=start, total=cfg.train.steps)
@@ -486,7 +618,8 @@ def loop(run: Run, start: int, progress: bool) -> dict:
     with StopSignal() as stop:
         for step in bar:
             t_step = time.time()
-            batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
+            with acc.autocast():
+                batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
             t_rollout = time.time() - t_step
 
             t0 = time.time()
@@ -496,7 +629,7 @@ def loop(run: Run, start: int, progress: bool) -> dict:
                 "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
             })
             if nonfinite.run >= cfg.train.max_nonfinite:
-                run.log.log(step, metrics)
+                log(run, step, metrics)
                 last_good = ckpt.latest(run.run_dir / "checkpoints")
                 raise NonFiniteError(
                     f"{nonfinite.run} consecutive updates (up to step {step}) had a non-finite loss or gradient; "
@@ -510,7 +643,10 @@ def loop(run: Run, start: int, progress: bool) -> dict:
             last = step == cfg.train.steps
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
                 metrics.update(evaluate_now(run, step))
-            run.log.log(step, metrics)
+                if not progress and acc.is_main_process:  # no bar: one line per evaluation
+                    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("eval/accuracy", "train/loss", "train/reward") if k in metrics)
+                    print(f"step {step}/{cfg.train.steps}: {shown}", flush=True)
+            log(run, step, metrics)
             shown = {"reward": "train/reward", "kl": "train/reverse_kl", "nll": "train/nll", "eval": "eval/accuracy"}
             bar.set_postfix({k: f"{metrics[key]:.3f}" for k, key in shown.items() if key in metrics})
             stopping = stop.requested(acc)
@@ -531,4 +667,8 @@ def loop(run: Run, start: int, progress: bool) -> dict:
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or resume) one training run in ``run_dir``; returns the final evaluation metrics."""
     run = setup(cfg, Path(run_dir), resume, overwrite)
-    return loop(run, restore(run), progress)
+    try:
+        return loop(run, restore(run), progress)
+    finally:
+        if cfg.train.report_to:
+            run.accelerator.end_training()  # flush the trackers, also after an error

@@ -205,6 +205,10 @@ def compute_dynamics(
                     cos[i, block or slice(None)] = row_cosines(w0, wt)
                 d = wt.sub_(w0)  # ΔW in place of W_t: one matrix per checkpoint, not two
                 fro = float(d.norm())
+                if not math.isfinite(fro):
+                    bad = "the base" if not torch.isfinite(w0).all() else f"checkpoint {ck.path}"
+                    raise AnalysisError(f"tensor {name!r} of {bad} holds NaN or inf values, so its update cannot be "
+                                        "analysed; the run diverged there: analyse the checkpoints before it")
                 fro_sq[i] += fro**2
                 if name in spectral_names:
                     dec = spectral.svd(d, q, exact=exact, oversample=oversample, niter=niter)

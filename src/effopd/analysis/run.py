@@ -35,6 +35,8 @@ update) are ``null``::
     embedding_shift {name: {mean, min, q01, q05, q25, median, rows_skipped [ckpt], rows}}  # §9
     eval: {ran: false, reason}  or                                 # §2, 3, 5, 7
       {ran: true,
+       settings {data, n, limit, prompt_template, prompt_field, answer_field, max_new_tokens,
+                 batch_size, device, dtype, greedy}      (only when eval_fn has them: make_eval_fn's)
        base {accuracy, ...}, checkpoints [ckpt] {accuracy, ...},   (metrics = eval_fn's scalars)
        efficiency [{step, total_norm, selected_norm, accuracy}],
        contribution {types {type: {apply: metrics, remove: metrics}},
@@ -148,9 +150,16 @@ def analyze(
         windows = evals.layer_windows(layers, window, window_stride) if layers else []
         record["eval"] = _run_evals(eval_fn, Path(base), ckpts, early, results["magnitude"], present, windows,
                                     alphas, fracs, exact_svd, out_dir, progress)
-    _save_tensors(tensors, out_dir / TENSORS_FILE)
+        settings = getattr(eval_fn, "settings", None)  # make_eval_fn's: prompt set, template, lengths, device
+        if isinstance(settings, dict):
+            record["eval"]["settings"] = dict(settings)
     record = _jsonable(record)
-    write_json(out_dir / JSON_FILE, record)  # written last: its presence means the analysis finished
+    try:
+        _save_tensors(tensors, out_dir / TENSORS_FILE)
+        write_json(out_dir / JSON_FILE, record)  # written last: its presence means the analysis finished
+    except OSError:
+        (out_dir / TENSORS_FILE).unlink(missing_ok=True)  # no half of an analysis left behind
+        raise
     return record
 
 

@@ -29,6 +29,12 @@ def check_answers(examples: list[Example], source: str) -> None:
         )
 
 
+def apply_template(template: str, prompt: str) -> str:
+    """``template`` with each ``{prompt}`` replaced by ``prompt``; every other character, braces
+    included (``\\boxed{}``, JSON), is literal, so templates need no escaping."""
+    return template.replace("{prompt}", prompt)
+
+
 def load_split(source: str, data_cfg, which: str) -> list[Example]:
     """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split."""
     if source == REQUIRED:
@@ -44,11 +50,11 @@ def load_split(source: str, data_cfg, which: str) -> list[Example]:
 
         split = {"train": data_cfg.train_split, "val": data_cfg.val_split, "eval": data_cfg.eval_split}[which]
         examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
-                                 solution_field=data_cfg.solution_field, split=split)
+                                 solution_field=data_cfg.solution_field, split=split, split_key=f"data.{which}_split")
         check_answers(examples, source)
     if which == "eval" and data_cfg.eval_limit:
         examples = examples[: data_cfg.eval_limit]
     template = data_cfg.prompt_template
     if template != "{prompt}":
-        examples = [replace(e, prompt=template.format(prompt=e.prompt)) for e in examples]
+        examples = [replace(e, prompt=apply_template(template, e.prompt)) for e in examples]
     return examples

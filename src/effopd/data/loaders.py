@@ -40,6 +40,7 @@ def load_examples(
     answer_field: str = "answer",
     solution_field: str = "solution",
     split: str | None = None,
+    split_key: str = "split",
     limit: int | None = None,
 ) -> list[Example]:
     """Load the examples of a prompt set at ``path`` (jsonl, parquet or a saved HF dataset).
@@ -58,7 +59,7 @@ def load_examples(
     if not p.exists():
         raise DatasetError(f"{name}: no such file or directory; check the path of the prompt set")
     if p.is_dir():
-        rows = _dataset_rows(p, name, split)
+        rows = _dataset_rows(p, name, split, split_key)
     else:
         suffix = p.suffix.lower()
         if suffix not in (".jsonl", ".parquet"):
@@ -69,7 +70,7 @@ def load_examples(
         if split is not None:
             raise DatasetError(
                 f"{name}: split={split!r} was given but a {suffix} file has no splits; "
-                "remove data.split (split=...) or point to a saved DatasetDict"
+                f"remove {split_key} or point to a saved DatasetDict"
             )
         rows = _jsonl_rows(p, name) if suffix == ".jsonl" else _parquet_rows(p, name)
 
@@ -141,7 +142,7 @@ def _parquet_rows(p: Path, name: str) -> Iterator[tuple[str, Any]]:
         raise DatasetError(f"{name}: cannot read as parquet ({e}); check the file") from None
 
 
-def _dataset_rows(p: Path, name: str, split: str | None) -> Iterator[tuple[str, Any]]:
+def _dataset_rows(p: Path, name: str, split: str | None, split_key: str = "split") -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
@@ -161,20 +162,19 @@ def _dataset_rows(p: Path, name: str, split: str | None) -> Iterator[tuple[str, 
         if split is None:
             if len(ds) != 1:
                 raise DatasetError(
-                    f"{name}: holds several splits ({available}); choose one with data.split "
-                    "(split=...)"
+                    f"{name}: holds several splits ({available}); choose one with {split_key}=NAME"
                 )
             split = next(iter(ds))
         elif split not in ds:
             raise DatasetError(
                 f"{name}: no split {split!r}; available splits: {available}; "
-                "set data.split (split=...) to one of them"
+                f"set {split_key} to one of them"
             )
         ds = ds[split]
     elif split is not None:
         raise DatasetError(
             f"{name}: split={split!r} was given but this is a single Dataset without splits; "
-            "remove data.split (split=...)"
+            f"remove {split_key}"
         )
     for i, row in enumerate(ds):
         yield f"{name}[row {i}]", row

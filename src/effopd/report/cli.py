@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories (metrics.jsonl, config.yaml, analysis/); several are shown side by side")
     parser.add_argument("--out", type=Path, default=None,
                         help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
-    parser.add_argument("--label", action="append", default=None, metavar="NAME",
-                        help="display name of a run, once per RUN_DIR in order (default: directory names)")
+    parser.add_argument("--label", action="extend", nargs="+", default=None, metavar="NAME",
+                        help="display names of the runs, one per RUN_DIR in order (`--label a b` or `--label a --label b`; "
+                        "default: directory names)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -91,15 +91,18 @@ class Run:
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
-    """Read a run directory; missing or unreadable files become notes, not errors. A path that
-    is not a directory at all is an error (most likely a typo on the command line)."""
+    """Read a run directory (or an ``effopd analyze --out`` folder: its analysis alone); missing or
+    unreadable files become notes, not errors. A path that is not a directory at all is an error
+    (most likely a typo on the command line)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist (expected metrics.jsonl, config.yaml, analysis/ inside)")
     run = Run(path=path, label=label or path.resolve().name)
     run.metrics, run.metrics_note = read_metrics(path / "metrics.jsonl")
     run.config_text, run.config = _read_config(path / "config.yaml")
-    run.analysis, run.analysis_note, run.tensors_path = _read_analysis(path / ANALYSIS_DIR)
+    # an `effopd analyze --out` folder given directly holds analysis.json itself
+    adir = path if (path / ANALYSIS_JSON).exists() and not (path / ANALYSIS_DIR / ANALYSIS_JSON).exists() else path / ANALYSIS_DIR
+    run.analysis, run.analysis_note, run.tensors_path = _read_analysis(adir)
     return run
 
 
