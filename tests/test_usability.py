@@ -198,3 +198,13 @@ def test_a_failed_analysis_write_leaves_no_partial_output(tiny_models, tmp_path,
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("effopd ")]  # not the progress bar
     assert code == 1 and len(err) == 1 and "analysis.json" in err[0] and "No space left" in err[0]
     assert not (out / "tensors.safetensors").exists() and not (out / "analysis.json").exists()
+
+
+def test_a_config_typo_is_answered_before_torch_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom effopd.config import ConfigError, load_config\ntry:\n    load_config([], ['optim.lrr=1'])\n"
+            "except ConfigError as e:\n    print('torch' in sys.modules, e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("False ") and "did you mean `optim.lr`" in out

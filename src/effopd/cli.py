@@ -288,11 +288,20 @@ def cmd_report(args) -> int:
     return run(args)
 
 
+def _quiet_transformers() -> None:
+    """No per-file load/save progress bars from transformers; effopd shows its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_train(args) -> int:
     from effopd.config import load_config, preset_path
-    from effopd.train import train
 
     cfg = load_config(([preset_path(args.preset)] if args.preset else []) + args.config, args.overrides)
+    _quiet_transformers()
+    from effopd.train import train
+
     final = train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps(final, indent=1))
     return 0
@@ -403,11 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)} (see effopd {args.command} --help)")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file load/save bars; effopd shows its own
     from effopd.errors import RunStopped, UserError
 
+    if args.command != "train":  # train first checks its config, which needs no transformers
+        _quiet_transformers()
     handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report}
     try:
         return handlers[args.command](args)

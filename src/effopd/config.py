@@ -354,6 +354,15 @@ def _string_keys(cls, prefix: str = "") -> dict[str, bool]:
     return out
 
 
+def _leaf_keys(d, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict):
+        return []
+    out = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
 def _suggest(bad_key: str) -> str:
     close = difflib.get_close_matches(bad_key, _all_keys(Config), n=1, cutoff=0.5)
     return f"; did you mean `{close[0]}`?" if close else ""
@@ -378,7 +387,6 @@ def preset_path(name: str) -> Path:
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Defaults <- each YAML file in order <- dotted ``key=value`` overrides."""
-    schema = OmegaConf.structured(Config)
     layers = []
     for path in files:
         if not Path(path).exists():
@@ -387,6 +395,14 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
             layers.append(OmegaConf.load(path))
         except Exception as err:  # noqa: BLE001
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    # Unknown keys first, from the dataclass fields alone: a typo is answered before the method
+    # table (and torch) is imported to build the config.
+    valid = set(_all_keys(Config))
+    named = [k for layer in layers for k in _leaf_keys(OmegaConf.to_container(layer))]
+    named += [item.split("=", 1)[0] for item in overrides if "=" in item]
+    for key in named:
+        if key not in valid:
+            raise ConfigError(f"config: unknown key `{key}`{_suggest(key)}")
     strings = _string_keys(Config)
     for item in overrides:
         if "=" not in item:
@@ -399,7 +415,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
         else:
             layers.append(OmegaConf.from_dotlist([item]))
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as err:
         key = getattr(err, "full_key", None) or str(err)
