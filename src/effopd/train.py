@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from effopd import checkpoint as ckpt
-from effopd.config import Config, ConfigError, from_yaml_text, to_yaml
+from effopd.config import Config, ConfigError
 from effopd.data import load_split
 from effopd.data.loaders import DatasetError
-from effopd.errors import RunStopped, UserError
+from effopd.errors import RunStopped
 from effopd.evaluate import evaluate_model
 from effopd.extrapolate import Extrapolator, Score
 from effopd.methods import METHODS, Batch, Method, Models, check_solutions, micro_batch_denominator
@@ -48,15 +48,10 @@ from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
 from effopd.module_groups import UnknownParameterError, module_group
 from effopd.rewards import reward
 from effopd.rollout import generate
+from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
 from effopd.scoring import score as score_logprobs
 from effopd.utils import atomic_write_text, isolated_rng
 
-# Keys that may change when resuming (they do not alter the trajectory up to the checkpoint).
-RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.keep_last"}
-
-
-class RunDirError(UserError, RuntimeError):
-    """The run directory holds something that forbids this start (a run, a different config)."""
 
 
 class TrainingInterrupted(RunStopped):
@@ -147,7 +142,7 @@ def tracker_config(cfg: Config) -> dict:
     """The resolved config as flat ``group.key`` scalars (lists as strings), for trackers' run pages."""
     from omegaconf import OmegaConf
 
-    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    flat = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in flat.items()}
 
 
@@ -179,81 +174,6 @@ def needs_teacher(cfg: Config) -> bool:
 
 def updates_per_batch(cfg: Config) -> int:
     return cfg.loss.ppo_epochs * cfg.loss.mini_batches
-
-
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "eval", "trackers", "analysis", "report.html")
-"""What a run writes in its directory: all that ``--overwrite`` ever deletes."""
-
-
-def holds_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints"))
-
-
-def check_run_dir(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Never overwrite a run silently: a non-empty run directory needs ``--resume`` (continue it)
-    or ``--overwrite`` (delete the run in it), and ``--overwrite`` never touches a directory that
-    does not hold a run. Only checks; nothing is written until the inputs loaded."""
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other; pass one of them")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory; pass a directory (it is created if missing)")
-    saved = run_dir / "config.yaml"
-    occupied = run_dir.exists() and any(run_dir.iterdir())
-    if resume and not holds_run(run_dir):
-        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml, metrics.jsonl or checkpoints/)"
-        raise RunDirError(f"--resume: run directory {run_dir} {what}; check the path, or drop --resume to start a new run")
-    if occupied and overwrite and not holds_run(run_dir):
-        foreign = sorted(p.name for p in run_dir.iterdir())[:3]
-        raise RunDirError(
-            f"--overwrite: {run_dir} is not empty and holds no run (e.g. {foreign}); --overwrite deletes only a run's "
-            "files, never other files. Pass a new or empty directory"
-        )
-    if occupied and not (resume or overwrite):
-        raise RunDirError(
-            f"run directory {run_dir} already holds a run; pass --resume to continue it or "
-            "--overwrite to delete it and start again"
-            if holds_run(run_dir) else
-            f"run directory {run_dir} is not empty and holds no run; pass a new or empty directory"
-        )
-    if resume and saved.exists():
-        old = from_yaml_text(saved.read_text())
-        diff = _diff(old, cfg) - RESUMABLE_KEYS
-        if diff:
-            raise RunDirError(
-                f"--resume: the config differs from {saved} in {sorted(diff)}; only "
-                f"{sorted(RESUMABLE_KEYS)} may change on resume. Use a new run directory instead"
-            )
-
-
-def init_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory (with ``overwrite``, first delete the run's own entries,
-    ``RUN_ENTRIES``, and nothing else) and save the resolved config."""
-    if overwrite and run_dir.exists():
-        for name in RUN_ENTRIES:
-            p = run_dir / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-
-
-def _diff(a: Config, b: Config) -> set[str]:
-    from omegaconf import OmegaConf
-
-    fa, fb = (_flatten(OmegaConf.to_container(OmegaConf.structured(x))) for x in (a, b))
-    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
