@@ -213,7 +213,7 @@ class TrainConfig:
     float32; `auto`: bf16 on a CUDA device that supports it, else no."""
     gradient_checkpointing: bool = False
     """Recompute the student's layer activations in the backward pass instead of keeping them (less memory, ~30% slower)."""
-    logit_chunk: int = 1024
+    logit_chunk: int = 256
     """Response positions per LM-head slab: logprobs never hold more than (rows, logit_chunk, V) logits at once."""
     report_to: list[str] = field(default_factory=list)
     """Trackers that also receive every step's metrics, through accelerate: e.g. [tensorboard], [wandb], [mlflow]

@@ -26,11 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from effopd.rollout import Rollout
 
-CHUNK_POSITIONS = 1024
+CHUNK_POSITIONS = 256
 """Default positions per LM-head chunk. For one row and Qwen3's V = 151,936 a float32 slab of
-1024 positions is 0.62 GB (the chunk's backward holds a few such slabs at its peak), against
-10 GB for the full float32 logits of a 16k-token response; 1024 rows per LM-head matmul are
-enough to keep a GPU's matrix units busy, and a 16k response takes 16 chunks."""
+256 positions is 0.16 GB (the chunk's backward holds a few such slabs at its peak), against
+10 GB for the full float32 logits of a 16k-token response; rows x 256 positions per LM-head
+matmul still keep a GPU's matrix units busy. Measured at Qwen3-0.6B's shape on the CPU
+(benchmarks/RESULTS.md): teacher scoring at 256 positions adds 854 MiB against 3,781 MiB for
+full logits, and takes 0.70 of its time."""
 
 
 def _sequence(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
