@@ -33,6 +33,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _add_generation_flags(p, what: str, models: str) -> None:
+    """--max-new-tokens, --batch-size (defaults from the run of ``what``) and the device flags."""
+    max_new, batch = _eval_defaults()
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="longest response in tokens; " + RUN_DEFAULT.format(key="eval.max_new_tokens", what=what, default=max_new))
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="prompts per generate call (memory vs speed); "
+                   + RUN_DEFAULT.format(key="eval.batch_size", what=what, default=batch))
+    _add_device_flags(p, models)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a student: OPD (default), G-OPD, GKD, GRPO, DAPO, SFT or continued SFT",
@@ -104,13 +115,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--samples", type=positive_int, default=1, help="responses per prompt (with --sample)")
     p.add_argument("--sample", action="store_true", help="sample at --temperature instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
-    max_new, batch = _eval_defaults()
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="longest response in tokens; " + RUN_DEFAULT.format(key="eval.max_new_tokens", what="--model", default=max_new))
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="prompts per generate call (memory vs speed); "
-                   + RUN_DEFAULT.format(key="eval.batch_size", what="--model", default=batch))
-    _add_device_flags(p, "the model")
+    _add_generation_flags(p, "--model", "the model")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", type=Path, default=None, help="write one JSON line per response here")
 
@@ -172,15 +177,9 @@ def _add_analyze(sub) -> None:
                    "test split); " + RUN_DEFAULT.format(key="data.eval", what="the checkpoints", default="embedded"))
     p.add_argument("--eval-limit", type=positive_int, default=500, help="evaluate on at most N prompts (greedy; default 500)")
     p.add_argument("--prompt-template", default=None, metavar="TEMPLATE",
-                   help="Python format string applied to every evaluation prompt, {prompt} = the raw prompt; "
+                   help="text around every evaluation prompt: each {prompt} is replaced by the raw prompt; "
                    + RUN_DEFAULT.format(key="data.prompt_template", what="the checkpoints", default="{prompt}"))
-    max_new, batch = _eval_defaults()
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="longest response in tokens; " + RUN_DEFAULT.format(key="eval.max_new_tokens", what="the checkpoints", default=max_new))
-    p.add_argument("--batch-size", type=positive_int, default=None,
-                   help="prompts per generate call in the evaluations; "
-                   + RUN_DEFAULT.format(key="eval.batch_size", what="the checkpoints", default=batch))
-    _add_device_flags(p, "the evaluated models")
+    _add_generation_flags(p, "the checkpoints", "the evaluated models")
     p.add_argument("--rank", type=positive_int, default=8, help="r of the top-r subspaces compared over training")
     p.add_argument("--exact-svd", action="store_true", help="exact SVD for every matrix (default: exact only when small)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
