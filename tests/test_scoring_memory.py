@@ -175,7 +175,9 @@ def test_bad_chunk_and_temperature_are_rejected_with_the_input_named():
         token_logprobs(model, ro, 0)
     with pytest.raises(ValueError, match="chunk_size=-1"):
         score(model, ro, chunk_size=-1)
-    assert CHUNK_POSITIONS == 1024
+    from effopd.config import TrainConfig
+
+    assert CHUNK_POSITIONS == TrainConfig().logit_chunk  # the function's default is the trainer's
 
 
 # ---- peak memory ---------------------------------------------------------------------------------
