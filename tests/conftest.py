@@ -178,3 +178,13 @@ def make_report_run(tmp_path_factory, name: str) -> Path:
 def make_report_runs(tmp_path_factory, names=("opd", "rl", "bare")) -> Path:
     """The directory holding the named report runs (see :func:`make_report_run`)."""
     return [make_report_run(tmp_path_factory, n) for n in names][0].parent
+
+
+class PicklePayload:
+    """Unpickling this creates the file ``marker``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

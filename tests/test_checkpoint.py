@@ -8,6 +8,8 @@ import torch
 
 from effopd import checkpoint as ckpt
 
+from conftest import PicklePayload
+
 
 def _optimizer(steps: int = 2):
     p = torch.nn.Parameter(torch.arange(6.0).view(2, 3))
@@ -135,21 +137,11 @@ def test_rng_round_trips(tmp_path):
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
 
 
-class _Payload:
-    """Unpickling this creates a file: what a crafted checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickled_trainer_state_is_refused_unread(tmp_path):
     marker = tmp_path / "pwned"
     path = _fake_checkpoint(tmp_path / "ck", 1)
     (path / ckpt.STATE_FILE).unlink()
-    (path / ckpt.LEGACY_STATE_FILE).write_bytes(pickle.dumps({"step": 1, "x": _Payload(marker)}))
+    (path / ckpt.LEGACY_STATE_FILE).write_bytes(pickle.dumps({"step": 1, "x": PicklePayload(marker)}))
     with pytest.raises(ckpt.CheckpointError, match=r"trainer_state\.pt.*pickle"):
         ckpt.load_state(path)
     assert not marker.exists()

@@ -14,7 +14,7 @@ from effopd import cli
 from effopd.config import load_config
 from effopd.train import RunDirError, train
 
-from conftest import assert_same_weights, checkpoint_weights, metrics_rows, tiny_overrides, train_run
+from conftest import PicklePayload, assert_same_weights, checkpoint_weights, metrics_rows, tiny_overrides, train_run
 
 
 def _args(tiny_models, run, *extra, **overrides):
@@ -79,20 +79,12 @@ def test_a_torn_newest_checkpoint_falls_back_and_resumes_exactly(tiny_models, tm
     assert [r["step"] for r in metrics_rows(run)] == [r["step"] for r in metrics_rows(tmp_path / "a")]
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_crafted_pickle_in_a_checkpoint_never_runs(tiny_models, tmp_path, capsys):
     run, marker = tmp_path / "run", tmp_path / "pwned"
     train_run(tiny_overrides(tiny_models, **{"train.steps": 1}), run)
     ck = run / "checkpoints" / "step-1"
     (ck / ckpt.STATE_FILE).unlink()
-    (ck / ckpt.LEGACY_STATE_FILE).write_bytes(pickle.dumps({"step": 1, "optimizer": _Payload(marker)}))
+    (ck / ckpt.LEGACY_STATE_FILE).write_bytes(pickle.dumps({"step": 1, "optimizer": PicklePayload(marker)}))
     manifest = json.loads((ck / ckpt.COMPLETE).read_text())
     manifest["files"] = {f: (ck / f).stat().st_size for f in [*manifest["files"], ckpt.LEGACY_STATE_FILE]
                          if (ck / f).exists()}

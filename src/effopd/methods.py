@@ -100,6 +100,10 @@ def _sample(cfg, models: Models, model, examples) -> Rollout:
                     keep_logprobs=cfg.loss.rollout_is)
 
 
+def _mean_reward(ro: Rollout, golds: list[str]) -> float:
+    return sum(map(reward, ro.texts, golds)) / len(golds)
+
+
 def _repeat(cfg, examples) -> list:
     return [e for e in examples for _ in range(cfg.rollout.n)]
 
@@ -109,7 +113,7 @@ def student_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     examples = _repeat(cfg, draw(k))
     ro = _sample(cfg, models, student, examples)
     golds = [e.answer for e in examples]
-    return Batch(ro, golds, metrics={"train/reward": sum(map(reward, ro.texts, golds)) / len(golds)})
+    return Batch(ro, golds, metrics={"train/reward": _mean_reward(ro, golds)})
 
 
 def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
@@ -117,7 +121,7 @@ def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     examples = _repeat(cfg, draw(k))
     ro = _sample(cfg, models, models.teacher, examples)
     golds = [e.answer for e in examples]
-    return Batch(ro, golds, metrics={"train/target_reward": sum(map(reward, ro.texts, golds)) / len(golds)})
+    return Batch(ro, golds, metrics={"train/target_reward": _mean_reward(ro, golds)})
 
 
 def check_solutions(cfg, examples) -> None:
