@@ -4,6 +4,7 @@ and how each method assembles its batch."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -303,8 +304,37 @@ def test_mini_batches_split_the_batch_in_order():
 
     ro = Rollout(torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2, dtype=torch.long), torch.arange(5)[:, None],
                  torch.ones(5, 1, dtype=torch.long), torch.zeros(5, 1), [str(i) for i in range(5)])
-    parts = train_mod.mini_batches(Batch(ro, list("abcde")), 2)
-    assert [p.golds for p in parts] == [list("abc"), list("de")] and cfg.loss.mini_batches == 1
+    one = SimpleNamespace(num_processes=1)
+    batch = Batch(ro, list("abcde"))
+    assert [p.golds for p in train_mod.mini_batches(one, batch, 2)] == [list("abc"), list("de")]
+    # n updates whenever there are n rows (ceil-sized slices would give 3 here)
+    assert [p.golds for p in train_mod.mini_batches(one, batch, 4)] == [list("ab"), ["c"], ["d"], ["e"]]
+    assert [p.golds for p in train_mod.mini_batches(one, batch, 7)] == [[g] for g in "abcde"]
+    assert cfg.loss.mini_batches == 1
+
+
+def test_a_process_short_of_rows_fills_its_mini_batch_with_a_weightless_row():
+    """Under DDP every process must make the same number of updates: with another process
+    holding 4 rows, a process with 1 row splits into 4 mini-batches, three of them one row whose
+    response mask is all zero (it joins the all-reduce, adds nothing)."""
+    from effopd.methods import Batch
+    from effopd.rollout import Rollout
+
+    class TwoProcesses:  # the other process holds 4 rows
+        num_processes = 2
+
+        def reduce(self, t, reduction):
+            assert reduction == "max"
+            return torch.maximum(t, torch.tensor([4.0], dtype=t.dtype))
+
+        device = "cpu"
+
+    ro = Rollout(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long), torch.tensor([[7, 8]]),
+                 torch.ones(1, 2, dtype=torch.long), torch.zeros(1, 2), ["x"])
+    parts = train_mod.mini_batches(TwoProcesses(), Batch(ro, ["a"]), 4)
+    assert len(parts) == 4
+    assert parts[0].rollout.response_mask_BT.sum() == 2
+    assert all(p.rollout.response_mask_BT.sum() == 0 and len(p) == 1 for p in parts[1:])
 
 
 def _sft_batch(tiny, widths_extra: int = 0, empty_row: int | None = None):

@@ -95,6 +95,59 @@ def summarize(
 
 # --- model-driven evaluation: greedy or sampled decoding on a prompt set, scored by rewards ---
 
+def evaluation_records(
+    model,
+    tokenizer,
+    examples,
+    *,
+    max_new_tokens: int,
+    samples: int = 1,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 1234,
+) -> list[dict]:
+    """``model``'s responses to ``examples``, one dict per response (prompt, answer, response,
+    correct, length), ``samples`` consecutive ones per prompt (greedy decoding repeats itself, so
+    greedy uses one). Sampling draws from its own generator seeded with ``seed`` and leaves the
+    caller's random state untouched."""
+    from effopd.rewards import reward
+    from effopd.rollout import generate
+    from effopd.utils import isolated_rng
+
+    if not examples:
+        raise ValueError("evaluate_model: the evaluation set is empty; pass at least one example")
+    n = 1 if greedy else samples
+    prompts = [e.prompt for e in examples for _ in range(n)]
+    with isolated_rng(seed):
+        ro = generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, greedy=greedy, batch_size=batch_size,
+        )
+    lengths = ro.lengths_B.tolist()
+    records = []
+    for i, text in enumerate(ro.texts):
+        ex = examples[i // n]
+        records.append({"prompt": ex.prompt, "answer": ex.answer, "response": text,
+                        "correct": reward(text, ex.answer) > 0, "length": lengths[i]})
+    return records
+
+
+def records_metrics(records: list[dict], samples: int, ks: tuple[int, ...] = (1,)) -> dict[str, float]:
+    """``summarize`` of ``evaluation_records`` (``samples`` consecutive records per prompt), plus
+    ``accuracy``, the fraction of correct responses."""
+    n = samples
+    if not records or len(records) % n:
+        raise ValueError(f"records_metrics: {len(records)} records are not whole groups of {n} samples per prompt")
+    correct, lengths = [r["correct"] for r in records], [r["length"] for r in records]
+    m = len(records) // n
+    grouped = [correct[i * n : (i + 1) * n] for i in range(m)]
+    metrics = summarize(grouped, [lengths[i * n : (i + 1) * n] for i in range(m)], ks=tuple(k for k in ks if k <= n))
+    metrics["accuracy"] = sum(correct) / len(correct)
+    return metrics
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -110,33 +163,13 @@ def evaluate_model(
     ks: tuple[int, ...] = (1,),
     records: list | None = None,
 ) -> dict[str, float]:
-    """Accuracy of ``model`` on ``examples``: ``samples`` responses per prompt (greedy decoding
-    repeats itself, so greedy uses one), scored by the verifier. Sampling draws from its own
-    generator seeded with ``seed`` and leaves the caller's random state untouched. When
-    ``records`` is a list, one dict per response is appended to it (for eval/*.jsonl)."""
-    from effopd.rewards import reward
-    from effopd.rollout import generate
-    from effopd.utils import isolated_rng
-
-    if not examples:
-        raise ValueError("evaluate_model: the evaluation set is empty; pass at least one example")
-    n = 1 if greedy else samples
-    prompts = [e.prompt for e in examples for _ in range(n)]
-    with isolated_rng(seed):
-        ro = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, greedy=greedy, batch_size=batch_size,
-        )
-    lengths = ro.lengths_B.tolist()
-    correct = [reward(text, examples[i // n].answer) > 0 for i, text in enumerate(ro.texts)]
+    """Accuracy of ``model`` on ``examples`` (:func:`evaluation_records` scored by
+    :func:`records_metrics`). When ``records`` is a list, the records are appended to it."""
+    recs = evaluation_records(model, tokenizer, examples, max_new_tokens=max_new_tokens, samples=samples, greedy=greedy,
+                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
     if records is not None:
-        for i, text in enumerate(ro.texts):
-            ex = examples[i // n]
-            records.append({"prompt": ex.prompt, "answer": ex.answer, "response": text, "correct": correct[i], "length": lengths[i]})
-    grouped = [correct[i * n : (i + 1) * n] for i in range(len(examples))]
-    metrics = summarize(grouped, [lengths[i * n : (i + 1) * n] for i in range(len(examples))], ks=tuple(k for k in ks if k <= n))
-    metrics["accuracy"] = sum(correct) / len(correct)
-    return metrics
+        records.extend(recs)
+    return records_metrics(recs, 1 if greedy else samples, ks)
 
 
 def make_eval_fn(

@@ -74,28 +74,35 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
-def aggregation_denominator(mask_BT: Tensor, mode: str) -> float:
-    """The normaliser that ``aggregate(loss_BT, mask_BT, mode)`` divides by, for a whole batch.
+def aggregation_count(mask_BT: Tensor, mode: str) -> int:
+    """What ``aggregate(loss_BT, mask_BT, mode)`` counts in a batch:
 
     - ``token-mean``: the number of unmasked tokens;
     - ``seq-mean-token-mean``: the number of rows with at least one unmasked token;
     - ``seq-mean-token-sum-norm``: the number of rows B.
 
-    At least 1, so that a fully masked batch gives exactly 0 as it does without a denominator.
+    Counts of several processes' shares of one batch add up to the count of the whole batch.
+    """
+    _check_2d("mask_BT", mask_BT)
+    if mode == "token-mean":
+        return int((mask_BT != 0).sum().item())
+    if mode == "seq-mean-token-mean":
+        return int((mask_BT.sum(-1) > 0).sum().item())
+    if mode == "seq-mean-token-sum-norm":
+        return mask_BT.shape[0]
+    raise ValueError(f"unknown aggregation mode {mode!r}; use one of {AGGREGATIONS}.")
+
+
+def aggregation_denominator(mask_BT: Tensor, mode: str) -> float:
+    """The normaliser that ``aggregate(loss_BT, mask_BT, mode)`` divides by, for a whole batch:
+    its ``aggregation_count``, at least 1, so that a fully masked batch gives exactly 0 as it
+    does without a denominator.
+
     A trainer that splits a batch into micro-batches calls this once on the whole batch's mask
     and passes the result as ``denominator`` to every micro-batch's loss; the sum of the
     micro-batch losses (and of their gradients) then equals one pass over the whole batch.
     """
-    _check_2d("mask_BT", mask_BT)
-    if mode == "token-mean":
-        count = (mask_BT != 0).sum().item()
-    elif mode == "seq-mean-token-mean":
-        count = (mask_BT.sum(-1) > 0).sum().item()
-    elif mode == "seq-mean-token-sum-norm":
-        count = mask_BT.shape[0]
-    else:
-        raise ValueError(f"unknown aggregation mode {mode!r}; use one of {AGGREGATIONS}.")
-    return float(max(count, 1))
+    return float(max(aggregation_count(mask_BT, mode), 1))
 
 
 def _denominator_tensor(denominator: float | Tensor, like: Tensor) -> Tensor:

@@ -6,9 +6,10 @@ how it assembles the batch of one update, what it computes once per batch withou
 (``train.py``) knows no method by name: it calls ``assemble``, then ``prepare``, then ``loss``
 on each micro-batch. Adding a method is one record here (and its math in ``losses.py``).
 
-Every loss of a micro-batch is divided by the normaliser of the whole (mini-)batch
-(``losses.aggregation_denominator``), so the gradients summed over micro-batches equal one pass
-over the whole batch, for every aggregation.
+Every loss of a micro-batch is divided by the normaliser of the whole (mini-)batch, counted
+over every data-parallel process (``losses.aggregation_count``), so the gradients summed over
+micro-batches and averaged over processes equal one pass over the whole global batch, for
+every aggregation.
 
 Temperature (one convention for every method, see ``losses.py``): ``rollout.temperature`` τ
 tempers the student's sampling distribution and every distribution it is compared with. The
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from effopd.losses import (
-    aggregation_denominator, generalized_jsd, gopd_advantages, group_advantages, informative_groups, masked_mean,
+    aggregation_count, generalized_jsd, gopd_advantages, group_advantages, informative_groups, masked_mean,
     opd_advantages, overlong_penalty, ppo_clip_loss, sft_loss, token_is_weight,
 )
 from effopd.rewards import reward
@@ -58,6 +59,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.golds)
 
+    def weightless(self) -> "Batch":
+        """The batch with every response token masked out: it still runs forward and backward
+        (so a process joins the gradient all-reduce) but adds nothing to the loss, its gradient
+        or the normaliser."""
+        ro = self.rollout
+        zero = Rollout(ro.prompt_ids_BP, ro.prompt_mask_BP, ro.response_ids_BT, torch.zeros_like(ro.response_mask_BT),
+                       ro.logp_BT, ro.texts)
+        return Batch(zero, self.golds, self.rewards_B, self.group_size, self.metrics, self.signals)
+
     def select(self, rows: slice) -> "Batch":
         """Rows ``rows`` of everything (for mini- and micro-batches)."""
         return Batch(self.rollout.select(rows), self.golds[rows],
@@ -65,8 +75,21 @@ class Batch:
                      {k: v[rows] for k, v in self.signals.items()})
 
 
-Draw = Callable[[int], list]
-"""``draw(k)``: the next k training examples of this process."""
+@dataclass
+class Prompts:
+    """Where a method gets its prompts: ``prompts(k)`` returns the next k training examples of
+    this process; ``any_replica(flag)`` is True on every process when ``flag`` is True on one
+    (so a process decides to sample again only together with the others)."""
+
+    draw: Callable[[int], list]
+    any_replica: Callable[[bool], bool] = bool
+
+    def __call__(self, k: int) -> list:
+        return self.draw(k)
+
+
+Draw = Prompts | Callable[[int], list]
+"""A ``Prompts``, or a plain ``draw(k)`` for methods that never sample twice in one batch."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,7 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     if not cfg.loss.dynamic_sampling:
         return Batch(ro, golds, total_B, n, {"train/reward": outcome_B.mean().item()})
 
+    agree = draw.any_replica if isinstance(draw, Prompts) else bool
     parts, kept_golds, kept_rewards, all_outcomes, rounds = [], [], [], [outcome_B], 1
     while True:
         keep_G = informative_groups(total_B, n)
@@ -172,21 +196,27 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
         parts.append(ro.select(rows))
         kept_golds += [golds[i] for i in rows.tolist()]
         kept_rewards.append(total_B[rows])
-        if len(kept_golds) >= k * n or rounds >= cfg.loss.max_sample_rounds:
+        # every process runs the same number of rounds (each round advances the shared prompt
+        # order): the rounds go on while any process is short, up to loss.max_sample_rounds
+        short = len(kept_golds) < k * n
+        if rounds >= cfg.loss.max_sample_rounds or not agree(short):
             break
         examples = _repeat(cfg, draw(k))
-        ro, golds, rounds = _sample(cfg, models, student, examples), [e.answer for e in examples], rounds + 1
+        rounds += 1
+        if not short:  # this process is full: it only keeps the prompt order in step
+            continue
+        ro, golds = _sample(cfg, models, student, examples), [e.answer for e in examples]
         outcome_B, total_B = sample_rewards(cfg, ro, golds)
         all_outcomes.append(outcome_B)
     metrics = {"train/reward": torch.cat(all_outcomes).mean().item(), "train/sample_rounds": rounds}
     if not kept_golds:  # nothing informative: every advantage and so the loss's gradient is 0, but AdamW
-        # still applies weight decay and the momentum of earlier updates
-        metrics["train/kept_groups"] = 0
-        return Batch(ro, golds, total_B, n, metrics)
-    kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id)
-    n_rows = min(len(kept_golds), k * n)
-    metrics["train/kept_groups"] = n_rows // n
-    return Batch(kept.select(slice(0, n_rows)), kept_golds[:n_rows], torch.cat(kept_rewards)[:n_rows], n, metrics)
+        # still applies weight decay and the momentum of earlier updates. The rows count for nothing,
+        # also not in the normaliser of the other processes' kept rows.
+        metrics.update({"train/kept_groups": 0, "train/response_length": ro.lengths_B.float().mean().item()})
+        return Batch(ro, golds, total_B, n, metrics).weightless()
+    kept = concat_rollouts([p for p in parts if p.texts], models.tokenizer.pad_token_id).select(slice(0, k * n))
+    metrics.update({"train/kept_groups": len(kept.texts) // n, "train/response_length": kept.lengths_B.float().mean().item()})
+    return Batch(kept, kept_golds[: k * n], torch.cat(kept_rewards)[: k * n], n, metrics)
 
 
 # ---- per-batch signals (no gradient) -----------------------------------------------------------
@@ -277,9 +307,10 @@ def nll_loss(cfg, models: Models, part: Batch, denominator):
     return sft_loss(logp_BT, mask_BT, agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
 
 
-def micro_batch_denominator(cfg, batch: Batch) -> float:
-    """The whole (mini-)batch's normaliser of ``loss.aggregation``."""
-    return aggregation_denominator(batch.rollout.response_mask_BT, cfg.loss.aggregation)
+def normaliser_count(cfg, batch: Batch) -> int:
+    """What ``loss.aggregation`` counts in this process's share of a (mini-)batch; the trainer
+    adds the counts of all processes to get the loss's denominator."""
+    return aggregation_count(batch.rollout.response_mask_BT, cfg.loss.aggregation)
 
 
 # ---- the table ---------------------------------------------------------------------------------

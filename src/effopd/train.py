@@ -4,8 +4,12 @@
 ``restore`` (the newest checkpoint, with ``--resume``) and ``loop``, which is read top to bottom;
 every stage of a step is one call. What differs between methods lives in their record in
 ``methods.py``. It runs single-process by default and under ``accelerate launch`` as
-data-parallel replicas (each process samples its share of the global batch; gradients are
-averaged by DDP).
+data-parallel replicas: each process samples its share of the global batch, gradients are
+averaged by DDP, and every data-dependent decision is agreed by all processes
+(``replicas.py``): the loss normaliser counts the whole global batch, DAPO's refill rounds,
+the non-finite skip, checkpoint write failures and EffOPD's accept/reject come out the same
+everywhere; evaluation and EffOPD's validation prompts are split across the processes and
+their results gathered.
 
 Updates per batch: ``loss.ppo_epochs`` passes over ``loss.mini_batches`` mini-batches, one
 optimizer update each. With one update per batch (the default) the "old" policy is the current
@@ -40,12 +44,13 @@ from effopd.config import Config, ConfigError
 from effopd.data import load_split
 from effopd.data.loaders import DatasetError
 from effopd.errors import RunStopped
-from effopd.evaluate import evaluate_model
+from effopd.evaluate import evaluation_records, records_metrics
 from effopd.extrapolate import Extrapolator, Score
-from effopd.methods import METHODS, Batch, Method, Models, check_solutions, micro_batch_denominator
+from effopd.methods import METHODS, Batch, Method, Models, Prompts, check_solutions, normaliser_count
 from effopd.metrics import MetricsLog, read_metrics
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
 from effopd.module_groups import UnknownParameterError, module_group
+from effopd.replicas import any_replica, gather_list, max_across, mean_metrics, shard, sum_across
 from effopd.rewards import reward
 from effopd.rollout import generate
 from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
@@ -190,14 +195,21 @@ def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
     return Models(student, teacher, base, tok)
 
 
-def evaluate_step(cfg: Config, model, tokenizer, examples, run_dir: Path, step: int) -> dict:
+def evaluate_step(cfg: Config, accelerator, model, tokenizer, examples, run_dir: Path, step: int) -> dict:
+    """Each process answers its contiguous share of ``examples``; the records are gathered (in
+    the examples' order), every process computes the same metrics and the main one writes
+    ``eval/step-N.jsonl``. Greedy evaluation (the default) does not depend on the number of
+    processes; sampled evaluation draws each share from ``eval.seed``."""
     e = cfg.eval
-    records: list = []
-    metrics = evaluate_model(
-        model, tokenizer, examples, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
-        temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed, records=records,
-    )
-    atomic_write_text(run_dir / "eval" / f"step-{step}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    local = shard(examples, accelerator.process_index, accelerator.num_processes)
+    records = evaluation_records(
+        model, tokenizer, local, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
+        temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed,
+    ) if local else []
+    records = gather_list(accelerator, records)
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "eval" / f"step-{step}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    metrics = records_metrics(records, 1 if e.greedy else e.samples)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -213,7 +225,8 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
     normaliser, so the summed gradient equals one pass over the batch."""
     B = len(batch)
     mb = cfg.train.micro_batch_size or B
-    denominator = micro_batch_denominator(cfg, batch)
+    # DDP averages the processes' gradients, so each divides by the global count / world size
+    denominator = max(sum_across(accelerator, [normaliser_count(cfg, batch)])[0], 1) / accelerator.num_processes
     total_tokens = batch.rollout.response_mask_BT.sum().clamp(min=1)
     sums: dict[str, float] = {"loss": 0.0}
     for i in range(0, B, mb):
@@ -234,12 +247,18 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
     return {f"train/{k}": v for k, v in sums.items()}
 
 
-def mini_batches(batch: Batch, n: int) -> list[Batch]:
-    """``batch`` in ``n`` consecutive mini-batches of ceil(B / n) rows (fewer when B < n)."""
+def mini_batches(accelerator, batch: Batch, n: int) -> list[Batch]:
+    """``batch`` in ``n`` consecutive mini-batches of near-equal size (the first ``B % n`` one
+    row longer); ``B`` of them when B < n, with ``B`` the most rows any process holds. Every
+    process makes the same number of updates: one whose share is shorter (DAPO keeps what is
+    informative) fills a missing mini-batch with a weightless row."""
     if n == 1:
         return [batch]
-    size = math.ceil(len(batch) / n)
-    return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
+    count = int(min(n, max_across(accelerator, len(batch))))
+    sizes = [len(batch) // count + (i < len(batch) % count) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [batch.select(slice(a, a + size)) if size else batch.select(slice(0, 1)).weightless()
+            for a, size in zip(starts, sizes)]
 
 
 @dataclass
@@ -266,8 +285,9 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
     t_score = time.time() - t0
     updates = []
     for _ in range(cfg.loss.ppo_epochs):
-        for mini in mini_batches(batch, cfg.loss.mini_batches):
-            m = accumulate_gradients(cfg, accelerator, models, method, mini)
+        for mini in mini_batches(accelerator, batch, cfg.loss.mini_batches):
+            # the loss as a mean over processes: every process takes the same skip decision
+            m = mean_metrics(accelerator, accumulate_gradients(cfg, accelerator, models, method, mini))
             m["train/grad_norm"] = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
             if math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]):
                 optimizer.step()
@@ -278,8 +298,9 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
             optimizer.zero_grad(set_to_none=True)
             updates.append(m)
     out = updates[0] if len(updates) == 1 else {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-    out.update(batch.metrics)
-    out.update({"train/response_length": batch.rollout.lengths_B.float().mean().item(), "time/score": t_score})
+    out["train/response_length"] = batch.rollout.lengths_B.float().mean().item()
+    out.update(mean_metrics(accelerator, batch.metrics, summed=("train/kept_groups",)))
+    out["time/score"] = t_score
     return out
 
 ANCHOR_FILE = "extrapolate_anchor.safetensors"
@@ -304,31 +325,59 @@ def _group_type(name: str) -> str | None:
         return None
 
 
-def validation_scorer(cfg: Config, model, models: Models, val_set, seed: int):
-    """``score()`` for one search: samples the validation prompts with a fixed seed (the same for
-    every candidate: common random numbers) and returns the mean and standard error over prompts
-    of the verifiable reward, or of the teacher's mean per-token logprob of the samples."""
+def prompt_scores(cfg: Config, model, models: Models, examples: list, seed: int) -> torch.Tensor:
+    """One validation score per example (float32, ``(len(examples),)``): the mean over its
+    samples, drawn with a fixed seed, of the verifiable reward or of the teacher's mean
+    per-token logprob of the sample."""
     x = cfg.extrapolate
     k = 1 if x.val_greedy else x.val_samples
-    examples = val_set[: x.val_prompts]
     prompts = [e.prompt for e in examples for _ in range(k)]
+    with isolated_rng(seed):
+        ro = generate(model, models.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy,
+                      batch_size=cfg.rollout.generation_batch_size)
+    if x.score == "reward":
+        per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
+    else:
+        lp_BT = score_logprobs(models.teacher, ro, temperature=cfg.rollout.temperature, chunk_size=cfg.train.score_chunk_size,
+                               chunk_positions=cfg.train.logit_chunk)
+        per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
+    return per_sample.view(len(examples), k).mean(-1)
+
+
+def validation_scorer(cfg: Config, accelerator, model, models: Models, val_set, seed: int):
+    """``score()`` for one search: the same validation prompts and seed for every candidate
+    (common random numbers); the mean and standard error over prompts of ``prompt_scores``.
+    Each process scores its contiguous share of the prompts and the per-prompt scores are
+    gathered, so every process computes the same ``Score`` and takes the same decision."""
+    examples = val_set[: cfg.extrapolate.val_prompts]
+    local = shard(examples, accelerator.process_index, accelerator.num_processes)
 
     def score() -> Score:
-        with isolated_rng(seed):
-            ro = generate(model, models.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy,
-                          batch_size=cfg.rollout.generation_batch_size)
-        if x.score == "reward":
-            per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
-        else:
-            lp_BT = score_logprobs(models.teacher, ro, temperature=cfg.rollout.temperature, chunk_size=cfg.train.score_chunk_size,
-                                   chunk_positions=cfg.train.logit_chunk)
-            per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
-        per_prompt = per_sample.view(len(examples), k).mean(-1)
+        mine = prompt_scores(cfg, model, models, local, seed).tolist() if local else []
+        per_prompt = torch.tensor(gather_list(accelerator, mine), dtype=torch.float32)
         noise = float(per_prompt.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
         return Score(float(per_prompt.mean()), noise)
 
     return score
+
+
+class ReplicaWriteError(OSError):
+    """Another process could not write its part of a checkpoint."""
+
+
+def _on_every_process(accelerator, write) -> None:
+    """Run ``write`` (None: nothing to write on this process), then agree: if it failed on any
+    process, every process raises (the one that failed its own error), so none is left waiting
+    in a collective."""
+    err = None
+    if write is not None:
+        try:
+            write()
+        except (OSError, SafetensorError) as e:
+            err = e
+    if any_replica(accelerator, err is not None):
+        raise err if err is not None else ReplicaWriteError("another process could not write its part")
 
 
 def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, scheduler, sampler, extrapolator=None) -> None:
@@ -336,7 +385,8 @@ def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, schedule
     try:
         _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator)
     except (OSError, SafetensorError) as err:  # a full disk surfaces from safetensors as SafetensorError
-        shutil.rmtree(ckpt.tmp_dir(root, step), ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(ckpt.tmp_dir(root, step), ignore_errors=True)
         previous = ckpt.latest(root)
         raise ckpt.CheckpointError(
             f"could not write checkpoint step-{step} in {root}: {err}. The previous checkpoint "
@@ -345,7 +395,9 @@ def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, schedule
 
 
 def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator) -> None:
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+
+    def weights_and_state():
         tmp = ckpt.begin(root, step)
         accelerator.unwrap_model(models.student).save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
@@ -354,12 +406,11 @@ def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler
             state["extrapolate"] = extrapolator.state_dict()
             save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / ANCHOR_FILE)
         ckpt.save_state(tmp, state, optimizer.state_dict())
-    accelerator.wait_for_everyone()
-    ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.finish(root, step, accelerator.num_processes, cfg.train.keep_last)
-    accelerator.wait_for_everyone()
+
+    _on_every_process(accelerator, weights_and_state if main else None)
+    _on_every_process(accelerator, lambda: ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index))
+    _on_every_process(accelerator, (lambda: ckpt.finish(root, step, accelerator.num_processes, cfg.train.keep_last))
+                      if main else None)
 
 
 @dataclass
@@ -478,32 +529,29 @@ def restore(run: Run) -> int:
 
 
 def evaluate_now(run: Run, step: int) -> dict:
-    """Evaluate the student on the held-out set (main process) and write ``eval/step-N.jsonl``."""
-    metrics = {}
-    if run.accelerator.is_main_process:
-        with run.accelerator.autocast():
-            metrics = evaluate_step(run.cfg, run.unwrapped, run.models.tokenizer, run.eval_set, run.run_dir, step)
-    run.accelerator.wait_for_everyone()
-    return metrics
+    """Evaluate the student on the held-out set (split across processes); ``eval/step-N.jsonl``."""
+    with run.accelerator.autocast():
+        return evaluate_step(run.cfg, run.accelerator, run.unwrapped, run.models.tokenizer, run.eval_set, run.run_dir, step)
 
 
-def drawer(run: Run):
-    """``draw(k)``: this process's share of the next global batch of prompts (every process
-    advances the shared order by the whole batch, so the replicas stay in step)."""
+def drawer(run: Run) -> Prompts:
+    """This process's share of the next global batch of prompts (every process advances the
+    shared order by the whole batch, so the replicas stay in step)."""
     acc, world = run.accelerator, run.accelerator.num_processes
 
     def draw(k: int) -> list:
         idx = run.sampler.next(k * world)
         return [run.train_set[i] for i in idx[acc.process_index * k : (acc.process_index + 1) * k]]
 
-    return draw
+    return Prompts(draw, lambda flag: any_replica(acc, flag))
 
 
 def extrapolate_now(run: Run, step: int) -> dict:
     """One EffOPD search after the update of ``step``; its metrics."""
     x = run.extrapolator
     with run.accelerator.autocast():
-        rec = x.search(step, validation_scorer(run.cfg, run.unwrapped, run.models, run.val_set, run.cfg.extrapolate.val_seed + len(x.history)))
+        rec = x.search(step, validation_scorer(run.cfg, run.accelerator, run.unwrapped, run.models, run.val_set,
+                                               run.cfg.extrapolate.val_seed + len(x.history)))
     return {**rec.metrics(), "extrapolate/total_seconds": x.total_seconds}
 
 

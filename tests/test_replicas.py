@@ -1,0 +1,176 @@
+"""Data parallelism: two gloo processes on the CPU (``accelerate launch`` with the repository's
+accelerate_configs/ddp.yaml) train exactly one model. Replicas are compared inside the processes (tests/replica_worker.py hashes each one's
+live parameters), not by re-reading the checkpoint the main process wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from effopd.models import load_model
+from effopd.replicas import mean_metrics, shard
+
+from conftest import checkpoint_weights, metrics_rows, tiny_overrides, train_run
+
+WORKER = Path(__file__).with_name("replica_worker.py")
+DDP_CONFIG = Path(__file__).parents[1] / "accelerate_configs" / "ddp.yaml"  # the file the README documents
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, run_dir: Path, overrides: list[str], processes: int = 2, resume: bool = False) -> subprocess.Popen:
+    out = run_dir.parent / f"{run_dir.name}-replicas.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes",
+           str(processes), "--main_process_port", str(free_port()),
+           str(WORKER), mode, str(run_dir), str(out), "1" if resume else "0", *overrides, "train.device=cpu"]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def replicas(mode: str, run_dir: Path, overrides: list[str], processes: int = 2, resume: bool = False) -> list[dict]:
+    """Run to the end; every process's report (live-parameter hash, sampler state, decisions)."""
+    proc = launch(mode, run_dir, overrides, processes, resume)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads((run_dir.parent / f"{run_dir.name}-replicas.json").read_text())
+
+
+def assert_identical(reports: list[dict]) -> None:
+    assert len(reports) == 2
+    assert reports[0]["params"] == reports[1]["params"], "the replicas' live parameters differ"
+    assert reports[0]["sampler"] == reports[1]["sampler"]
+    assert reports[0]["accepted"] == reports[1]["accepted"]
+
+
+def relative_distance(a: dict, b: dict, w0: dict) -> float:
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+    den = sum(float((a[k] - w0[k]).pow(2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
+# ---- helpers, without processes ---------------------------------------------------------------
+
+
+def test_shards_are_contiguous_and_cover_the_items_once():
+    items = list(range(7))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard([1], 1, 2) == []
+
+
+def test_metric_means_and_sums_over_processes():
+    class Two:  # the other process logged loss 3.0 and kept 5 groups (the same keys: max = own value)
+        num_processes, process_index, device = 2, 0, "cpu"
+        other_keys = False
+
+        def reduce(self, t, reduction):
+            if reduction == "max":
+                return t + 1 if self.other_keys else t
+            return t + torch.tensor([5.0, 3.0], dtype=t.dtype)
+
+    logged = {"train/loss": 1.0, "train/kept_groups": 1, "note": "x"}
+    out = mean_metrics(Two(), logged, summed=("train/kept_groups",))
+    assert out == {"train/loss": 2.0, "train/kept_groups": 6.0, "note": "x"}
+    two = Two()
+    two.other_keys = True
+    with pytest.raises(RuntimeError, match="other processes log others"):
+        mean_metrics(two, logged)
+    one = mean_metrics(SimpleNamespace(num_processes=1), {"train/loss": 1.0})
+    assert one == {"train/loss": 1.0}
+
+
+# ---- two processes ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_world_size_does_not_change_continued_sft(tiny_models, tmp_path):
+    """No sampling: 3 steps of sft-gt at the same global batch give the same weights with one
+    process and with two. With each process dividing by its own token count (the mean of
+    per-process means) this distance was 0.33; with the global count it is float rounding."""
+    o = tiny_overrides(tiny_models, **{"loss.method": "sft-gt", "rollout.batch_size": 8, "train.seed": 5, "train.steps": 3,
+                                      "train.eval_every": 0, "train.save_every": 3})
+    assert_identical(replicas("plain", tmp_path / "two", o))
+    train_run(o, tmp_path / "one")
+    w0 = {n: p.detach() for n, p in load_model(tiny_models["student"], "student").named_parameters()}
+    assert relative_distance(checkpoint_weights(tmp_path / "one", 3), checkpoint_weights(tmp_path / "two", 3), w0) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_process_opd_with_effopd_accepting_keeps_replicas_identical(tiny_models, tmp_path):
+    """OPD + EffOPD scored by the teacher's logprob (which moves on random models, unlike the
+    reward): some candidate is accepted, and both replicas end bitwise equal, with the same
+    decisions, the same prompt order and evaluation written once for the whole eval set."""
+    o = tiny_overrides(tiny_models, **{"train.steps": 4, "extrapolate.enabled": True, "extrapolate.score": "teacher_logprob",
+                                      "extrapolate.val_prompts": 6, "train.eval_every": 2, "train.save_every": 2})
+    reports = replicas("plain", tmp_path / "eff", o)
+    assert_identical(reports)
+    assert any(c > 1 for c in reports[0]["accepted"]), reports[0]["accepted"]
+    evaluated = (tmp_path / "eff" / "eval" / "step-4.jsonl").read_text().splitlines()
+    assert len(evaluated) == 8  # data.eval_limit, split 4 + 4 and gathered
+
+
+@pytest.mark.slow
+def test_two_process_dapo_refills_agree(tiny_models, tmp_path):
+    """DAPO with dynamic sampling where process 0 keeps groups and process 1 never does: process
+    1 keeps asking for refills, so both run every round (each advances the shared prompt order),
+    process 1 trains on weightless rows, and the replicas end identical."""
+    o = tiny_overrides(tiny_models, **{"loss.method": "dapo", "rollout.n": 2, "rollout.batch_size": 4, "train.steps": 3,
+                                      "loss.max_sample_rounds": 3, "loss.overlong_penalty": 0.0, "train.eval_every": 0,
+                                      "train.save_every": 3})
+    reports = replicas("dapo", tmp_path / "dapo", o)
+    assert_identical(reports)
+    rows = [r for r in metrics_rows(tmp_path / "dapo") if "train/sample_rounds" in r]
+    assert [r["train/sample_rounds"] for r in rows] == [3, 3, 3]
+    # each round of both processes draws the 4 prompts of one global batch from the shared order
+    assert reports[0]["sampler"] == {"epoch": 0, "cursor": 4 * 9}
+    # summed over processes; at most the 2 groups of one process: only process 0 ever keeps
+    assert all(0 < r["train/kept_groups"] <= 2 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights, accepted", [("3,-1", 11.0), ("1,-3", 1.0)])
+def test_effopd_decision_is_taken_once_for_all_processes(tiny_models, tmp_path, weights, accepted):
+    """Process 0's validation prompts favour every extrapolation (score +A0·‖θ − θ_init‖) and
+    process 1's disfavour it (A1 < 0): alone, process 0 would accept the largest candidate and
+    process 1 none. Both apply the decision of the gathered scores: their mean's sign."""
+    o = tiny_overrides(tiny_models, **{"train.steps": 2, "extrapolate.enabled": True, "extrapolate.val_prompts": 2,
+                                      "extrapolate.trigger_steps": "[1]", "extrapolate.margin": 0.0,
+                                      "train.eval_every": 0, "train.save_every": 2})
+    reports = replicas(f"decide:{weights}", tmp_path / "decide", o)
+    assert_identical(reports)
+    assert reports[0]["accepted"] == [accepted]
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_exactly(tiny_models, tmp_path):
+    """A 2-process OPD run killed (SIGKILL to the whole launcher group) after its step-2
+    checkpoint resumes with --resume and ends with the weights of the uninterrupted run."""
+    o = tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "train.save_every": 1})
+    whole = replicas("plain", tmp_path / "whole", o)
+    assert_identical(whole)
+
+    proc = launch("plain", tmp_path / "killed", o)
+    marker = tmp_path / "killed" / "checkpoints" / "step-2"  # renamed into place when complete
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = replicas("plain", tmp_path / "killed", o, resume=True)
+    assert_identical(resumed)
+    assert resumed[0]["params"] == whole[0]["params"]
