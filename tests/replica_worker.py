@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import gather_object
 
 from effopd import methods
+from effopd.cli import leave_process_group
 from effopd import train as trainer
 from effopd.config import load_config
 from effopd.models import load_model
@@ -54,8 +55,9 @@ def main() -> None:
     run = trainer.setup(load_config([], overrides), Path(run_dir), resume=resume == "1", overwrite=False)
     trainer.loop(run, trainer.restore(run), progress=False)
     digest = hashlib.sha256()
-    for name, p in run.unwrapped.named_parameters():
-        digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    for name, p in run.unwrapped.named_parameters():  # a sharded parameter: its gathered whole
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+        digest.update(name.encode() + whole.detach().cpu().contiguous().numpy().tobytes())
     report = {
         "rank": run.accelerator.process_index, "params": digest.hexdigest(), "sampler": run.sampler.state_dict(),
         "accepted": [r.accepted_c for r in run.extrapolator.history] if run.extrapolator else [],
@@ -63,6 +65,7 @@ def main() -> None:
     reports = gather_object([report])
     if run.accelerator.is_main_process:
         Path(out).write_text(json.dumps(reports))
+    leave_process_group(run.accelerator.state)  # as `effopd train` ends a multi-process run
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from effopd.models import load_model
+from effopd import cli
+from effopd.models import ModelLoadError, load_model
 from effopd.replicas import mean_metrics, shard
 
-from conftest import checkpoint_weights, metrics_rows, tiny_overrides, train_run
+from conftest import assert_same_weights, checkpoint_weights, metrics_rows, tiny_overrides, train_run
 
 WORKER = Path(__file__).with_name("replica_worker.py")
 DDP_CONFIG = Path(__file__).parents[1] / "accelerate_configs" / "ddp.yaml"  # the file the README documents
@@ -45,7 +47,7 @@ def replicas(mode: str, run_dir: Path, overrides: list[str], processes: int = 2,
     """Run to the end; every process's report (live-parameter hash, sampler state, decisions)."""
     proc = launch(mode, run_dir, overrides, processes, resume)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0, err[-15000:]
     return json.loads((run_dir.parent / f"{run_dir.name}-replicas.json").read_text())
 
 
@@ -70,6 +72,18 @@ def test_shards_are_contiguous_and_cover_the_items_once():
     parts = [shard(items, r, 3) for r in range(3)]
     assert parts == [[0, 1, 2], [3, 4], [5, 6]]
     assert shard([1], 1, 2) == []
+
+
+def test_padded_shards_have_one_length_and_say_what_is_real():
+    """Sharded models need every process to run the same forward passes: shares are padded."""
+    from effopd.train import padded_shard
+
+    def on(rank, items):
+        return padded_shard(SimpleNamespace(num_processes=2, process_index=rank), items)
+
+    assert on(0, list("abcde")) == (list("abc"), 3)
+    assert on(1, list("abcde")) == (list("dee"), 2)
+    assert on(1, ["a"]) == (["a"], 0)  # nothing of its own: it repeats an item and keeps no result
 
 
 def test_metric_means_and_sums_over_processes():
@@ -97,13 +111,15 @@ def test_metric_means_and_sums_over_processes():
 
 
 @pytest.mark.slow
-def test_world_size_does_not_change_continued_sft(tiny_models, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_world_size_does_not_change_continued_sft(tiny_models, tmp_path, parallel):
     """No sampling: 3 steps of sft-gt at the same global batch give the same weights with one
-    process and with two. With each process dividing by its own token count (the mean of
-    per-process means) this distance was 0.33; with the global count it is float rounding."""
+    process and with two (replicated or sharded). With each process dividing by its own token
+    count (the mean of per-process means) this distance was 0.33; with the global count it is
+    float rounding. Micro-batches of 2 rows: only the last one synchronises the gradient."""
     o = tiny_overrides(tiny_models, **{"loss.method": "sft-gt", "rollout.batch_size": 8, "train.seed": 5, "train.steps": 3,
-                                      "train.eval_every": 0, "train.save_every": 3})
-    assert_identical(replicas("plain", tmp_path / "two", o))
+                                      "train.micro_batch_size": 2, "train.eval_every": 0, "train.save_every": 3})
+    assert_identical(replicas("plain", tmp_path / "two", [*o, f"train.parallel={parallel}"]))
     train_run(o, tmp_path / "one")
     w0 = {n: p.detach() for n, p in load_model(tiny_models["student"], "student").named_parameters()}
     assert relative_distance(checkpoint_weights(tmp_path / "one", 3), checkpoint_weights(tmp_path / "two", 3), w0) < 1e-5
@@ -122,15 +138,34 @@ def test_two_process_opd_with_effopd_accepting_keeps_replicas_identical(tiny_mod
     evaluated = (tmp_path / "eff" / "eval" / "step-4.jsonl").read_text().splitlines()
     assert len(evaluated) == 8  # data.eval_limit, split 4 + 4 and gathered
 
+    # the same run with the student and the teacher sharded (FSDP2) trains the same weights; on
+    # gloo (a sum of two values, in either collective) even bitwise
+    sharded = replicas("plain", tmp_path / "fsdp", [*o, "train.parallel=fsdp2", "train.shard_teacher=true"])
+    assert sharded[0]["params"] == reports[0]["params"] and sharded[0]["accepted"] == reports[0]["accepted"]
+    ck = tmp_path / "fsdp" / "checkpoints"
+    assert (ck / "step-2" / "sharded").is_dir() and not (ck / "step-2" / "model.safetensors").exists()
+    assert_same_weights(checkpoint_weights(tmp_path / "eff", 4), checkpoint_weights(tmp_path / "fsdp", 4))  # the export
+
+    # a sharded checkpoint without weights: loading it says how to consolidate; export does, offline
+    with pytest.raises(ModelLoadError, match="effopd export"):
+        load_model(str(ck / "step-2"), "student")
+    assert cli.main(["export", str(ck / "step-2"), "--out", str(tmp_path / "step-2-hf")]) == 0
+    assert cli.main(["export", str(ck / "step-4"), "--out", str(tmp_path / "step-4-hf")]) == 0
+    assert_same_weights(load_file(tmp_path / "step-4-hf" / "model.safetensors"), checkpoint_weights(tmp_path / "fsdp", 4))
+    load_model(str(tmp_path / "step-2-hf"), "student")  # loadable
+    assert cli.main(["export", str(tmp_path / "eff" / "checkpoints" / "step-2"), "--out", str(tmp_path / "x")]) == 2
+
 
 @pytest.mark.slow
-def test_two_process_dapo_refills_agree(tiny_models, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_process_dapo_refills_agree(tiny_models, tmp_path, parallel):
     """DAPO with dynamic sampling where process 0 keeps groups and process 1 never does: process
     1 keeps asking for refills, so both run every round (each advances the shared prompt order),
-    process 1 trains on weightless rows, and the replicas end identical."""
+    process 1 trains on weightless rows, and the replicas end identical. Two mini-batches per
+    batch: both processes make the same number of updates whatever rows they kept."""
     o = tiny_overrides(tiny_models, **{"loss.method": "dapo", "rollout.n": 2, "rollout.batch_size": 4, "train.steps": 3,
-                                      "loss.max_sample_rounds": 3, "loss.overlong_penalty": 0.0, "train.eval_every": 0,
-                                      "train.save_every": 3})
+                                      "loss.max_sample_rounds": 3, "loss.overlong_penalty": 0.0, "train.eval_every": 0, "loss.mini_batches": 2,
+                                      "train.save_every": 3, "train.parallel": parallel})
     reports = replicas("dapo", tmp_path / "dapo", o)
     assert_identical(reports)
     rows = [r for r in metrics_rows(tmp_path / "dapo") if "train/sample_rounds" in r]
@@ -139,6 +174,17 @@ def test_two_process_dapo_refills_agree(tiny_models, tmp_path):
     assert reports[0]["sampler"] == {"epoch": 0, "cursor": 4 * 9}
     # summed over processes; at most the 2 groups of one process: only process 0 ever keeps
     assert all(0 < r["train/kept_groups"] <= 2 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gkd", "gopd"])
+def test_sharded_teacher_and_base_train_as_replicated(tiny_models, tmp_path, method):
+    """GKD (full logits of both models) and G-OPD (teacher and base logprobs) with the student,
+    teacher and base sharded end bitwise where the replicated run ends."""
+    o = tiny_overrides(tiny_models, **{"loss.method": method, "train.steps": 2, "train.eval_every": 0, "train.save_every": 2})
+    replicated = replicas("plain", tmp_path / "ddp", o)
+    sharded = replicas("plain", tmp_path / "fsdp", [*o, "train.parallel=fsdp2", "train.shard_teacher=true"])
+    assert sharded[0]["params"] == replicated[0]["params"]
 
 
 @pytest.mark.slow
@@ -156,10 +202,14 @@ def test_effopd_decision_is_taken_once_for_all_processes(tiny_models, tmp_path, 
 
 
 @pytest.mark.slow
-def test_killed_two_process_run_resumes_exactly(tiny_models, tmp_path):
-    """A 2-process OPD run killed (SIGKILL to the whole launcher group) after its step-2
-    checkpoint resumes with --resume and ends with the weights of the uninterrupted run."""
-    o = tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "train.save_every": 1})
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_killed_two_process_run_resumes_exactly(tiny_models, tmp_path, parallel):
+    """A 2-process OPD + EffOPD run killed (SIGKILL to the whole launcher group) after its
+    step-2 checkpoint resumes with --resume and ends with the weights of the uninterrupted run
+    (sharded: from the shards of model, optimizer and anchor)."""
+    o = tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "train.save_every": 1,
+                                      "extrapolate.enabled": True, "extrapolate.score": "teacher_logprob",
+                                      "extrapolate.val_prompts": 3, "train.parallel": parallel})
     whole = replicas("plain", tmp_path / "whole", o)
     assert_identical(whole)
 
@@ -173,4 +223,16 @@ def test_killed_two_process_run_resumes_exactly(tiny_models, tmp_path):
     proc.wait()
     resumed = replicas("plain", tmp_path / "killed", o, resume=True)
     assert_identical(resumed)
-    assert resumed[0]["params"] == whole[0]["params"]
+    assert resumed[0]["params"] == whole[0]["params"] and resumed[0]["accepted"] == whole[0]["accepted"]
+
+
+def test_an_accelerate_fsdp_launch_is_refused_not_turned_into_ddp(tiny_models, tmp_path, monkeypatch):
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP; on CPU processes
+    accelerate then builds plain DDP. effopd refuses it, naming what to launch instead, before
+    the run directory exists."""
+    from effopd.config import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="train.parallel=fsdp2"):
+        train_run(tiny_overrides(tiny_models), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -84,9 +84,18 @@ def load_rng(path: Path, rank: int) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_state(tmp: Path, state: dict, optimizer_state: dict) -> None:
+SHARDED_DIR = "sharded"
+"""The model and optimizer shards of an FSDP2 run (torch distributed checkpoint), instead of
+``optimizer.safetensors``."""
+
+
+def save_state(tmp: Path, state: dict, optimizer_state: dict | None) -> None:
     """``state`` (JSON-able: step, scheduler, sampler, EffOPD history) and an optimizer
-    ``state_dict()``: tensors to ``optimizer.safetensors``, everything else to ``trainer_state.json``."""
+    ``state_dict()``: tensors to ``optimizer.safetensors``, everything else to ``trainer_state.json``.
+    ``optimizer_state=None``: the optimizer is in ``sharded/`` (written by every process)."""
+    if optimizer_state is None:
+        write_json(Path(tmp) / STATE_FILE, {**state, "optimizer": SHARDED_DIR})
+        return
     tensors, scalars = {}, {}
     for idx, per_param in optimizer_state["state"].items():
         for key, value in per_param.items():
@@ -113,6 +122,10 @@ def load_state(path: Path) -> dict:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err})") from err
+    if state.get("optimizer") == SHARDED_DIR:
+        if not (path / SHARDED_DIR / ".metadata").exists():
+            raise CheckpointError(f"{path / SHARDED_DIR} holds no sharded state (.metadata is missing)")
+        return state
     try:
         tensors = load_file(str(path / OPTIMIZER_FILE))
     except (OSError, SafetensorError) as err:
@@ -159,7 +172,8 @@ def finish(ckpt_root: Path, step: int, world_size: int, keep_last: int | None = 
     Older checkpoints are deleted only after the new one is in place."""
     tmp = tmp_dir(ckpt_root, step)
     missing = [_rng_file(r) for r in range(world_size) if not (tmp / _rng_file(r)).exists()]
-    missing += [f for f in (STATE_FILE, OPTIMIZER_FILE, "config.json") if not (tmp / f).exists()]
+    optimizer = SHARDED_DIR if (tmp / SHARDED_DIR).is_dir() else OPTIMIZER_FILE
+    missing += [f for f in (STATE_FILE, optimizer, "config.json") if not (tmp / f).exists()]
     if missing:
         raise CheckpointError(f"checkpoint {tmp} is missing {missing}; it was not completed and the previous one is kept")
     files = {}

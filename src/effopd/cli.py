@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ EXAMPLES = """examples:
   effopd bootstrap --out build/default --export-jsonl build/data
   effopd analyze --base embedded --checkpoints runs/opd/checkpoints --out runs/opd/analysis
   effopd report runs/opd runs/grpo --out compare.html
+  accelerate launch --config_file accelerate_configs/ddp.yaml -m effopd.cli train --run-dir runs/ddp
+  effopd export runs/fsdp/checkpoints/step-100 --out runs/fsdp/step-100-hf   # a sharded checkpoint
 """
 
 
@@ -118,6 +121,25 @@ def _add_eval(sub) -> None:
     _add_generation_flags(p, "--model", "the model")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", type=Path, default=None, help="write one JSON line per response here")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="consolidate a sharded (FSDP2) checkpoint into Hugging Face weights",
+        description="A checkpoint of a run trained with train.parallel=fsdp2 holds its weights and optimizer state "
+        "in shards (sharded/, torch distributed checkpoint); only the last one also holds model.safetensors. "
+        "export reads the shards of CHECKPOINT in one process (no GPU, no process group) and writes a "
+        "from_pretrained-loadable model and tokenizer to --out, for effopd eval/analyze or any HF tool.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a step-N folder of a sharded run (RUN_DIR/checkpoints/step-N)")
+    p.add_argument("--out", type=Path, required=True, help="folder for model.safetensors, config and tokenizer")
+
+
+def cmd_export(args) -> int:
+    from effopd.sharding import export_sharded
+
+    print(f"wrote {export_sharded(args.checkpoint, args.out)}")
+    return 0
 
 
 def _add_bootstrap(sub) -> None:
@@ -302,8 +324,32 @@ def cmd_train(args) -> int:
     from effopd.train import train
 
     final = train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(final, indent=1))
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        print(json.dumps(final, indent=1))
+    if state.num_processes > 1:
+        leave_process_group(state)
     return 0
+
+
+def leave_process_group(state) -> None:
+    """End a multi-process run: wait for every process, then exit at once (status 0).
+
+    Not through the interpreter's teardown: freeing the last reference to a gloo process group
+    (DDP's reducer holds one) joins gloo's worker threads while holding the GIL, and a worker
+    still releasing a finished collective's tensors waits for the GIL, so now and then the
+    process hangs at exit (or, without destroy_process_group, aborts with SIGABRT). Everything
+    the run writes is on disk already; the streams are flushed here."""
+    import logging
+
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _eval_target(model: str):
@@ -396,13 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     from effopd import __version__
 
     parser.add_argument("--version", action="version", version=f"effopd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze,report,export}")
     _add_demo(sub)
     _add_bootstrap(sub)
     _add_train(sub)
     _add_eval(sub)
     _add_analyze(sub)
     _add_report(sub)
+    _add_export(sub)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may come after flags too (`train --no-progress optim.lr=3e-5`): argparse
     # gives a `nargs="*"` positional only the run of words before the first flag.
@@ -415,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command != "train":  # train first checks its config, which needs no transformers
         _quiet_transformers()
-    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report}
+    handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
     except RunStopped as err:  # a signal, or non-finite losses: the message says what was saved

@@ -218,6 +218,14 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Trackers that also receive every step's metrics, through accelerate: e.g. [tensorboard], [wandb], [mlflow]
     (each needs its package installed). metrics.jsonl is always written and is what the report reads."""
+    parallel: str = "ddp"
+    """With several processes (accelerate launch): `ddp` replicates the student on each; `fsdp2` shards it (and its
+    optimizer state) across them with torch FSDP2, checkpoints in shards (torch distributed checkpoint) and writes a
+    consolidated Hugging Face copy of the final weights."""
+    shard_teacher: bool = False
+    """With train.parallel=fsdp2: shard the frozen teacher the same way (less memory per process) instead of replicating it."""
+    consolidate_checkpoints: bool = False
+    """With train.parallel=fsdp2: also write the full Hugging Face weights into every checkpoint, not only the last."""
 
     def __post_init__(self):
         _require(self.steps > 0, "train.steps", self.steps, "must be > 0")
@@ -230,6 +238,10 @@ class TrainConfig:
         _require(self.mixed_precision in ("auto", "no", "bf16"), "train.mixed_precision", self.mixed_precision,
                  "choose auto, no or bf16")
         _require(self.logit_chunk > 0, "train.logit_chunk", self.logit_chunk, "must be > 0")
+        _require(self.parallel in ("ddp", "fsdp2"), "train.parallel", self.parallel, "choose ddp or fsdp2")
+        _require(self.parallel == "fsdp2" or not (self.shard_teacher or self.consolidate_checkpoints),
+                 "train.shard_teacher/consolidate_checkpoints", (self.shard_teacher, self.consolidate_checkpoints),
+                 "apply to sharded runs only: set train.parallel=fsdp2 or leave them false")
         known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
         bad = [t for t in self.report_to if t not in known]
         _require(not bad, "train.report_to", self.report_to, f"unknown tracker {bad}; choose from {known}")

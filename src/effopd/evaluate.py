@@ -148,28 +148,15 @@ def records_metrics(records: list[dict], samples: int, ks: tuple[int, ...] = (1,
     return metrics
 
 
-def evaluate_model(
-    model,
-    tokenizer,
-    examples,
-    *,
-    max_new_tokens: int,
-    samples: int = 1,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 256,
-    seed: int = 1234,
-    ks: tuple[int, ...] = (1,),
-    records: list | None = None,
-) -> dict[str, float]:
-    """Accuracy of ``model`` on ``examples`` (:func:`evaluation_records` scored by
-    :func:`records_metrics`). When ``records`` is a list, the records are appended to it."""
-    recs = evaluation_records(model, tokenizer, examples, max_new_tokens=max_new_tokens, samples=samples, greedy=greedy,
-                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+def evaluate_model(model, tokenizer, examples, *, ks: tuple[int, ...] = (1,), records: list | None = None,
+                   **sampling) -> dict[str, float]:
+    """Accuracy of ``model`` on ``examples``: :func:`evaluation_records` (``sampling`` are its
+    keyword arguments: max_new_tokens, samples, greedy, temperature, top_p, batch_size, seed)
+    scored by :func:`records_metrics`. When ``records`` is a list, the records are appended to it."""
+    recs = evaluation_records(model, tokenizer, examples, **sampling)
     if records is not None:
         records.extend(recs)
-    return records_metrics(recs, 1 if greedy else samples, ks)
+    return records_metrics(recs, 1 if sampling.get("greedy", True) else sampling.get("samples", 1), ks)
 
 
 def make_eval_fn(

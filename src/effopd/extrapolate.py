@@ -73,7 +73,7 @@ class SearchRecord:
     best: float = 0.0
     seconds: float = 0.0
     update_norm: float = 0.0
-    """‖θ_t − θ_anchor‖ over the selected parameters (local shard)."""
+    """‖θ_t − θ_anchor‖ over the selected parameters (summed over shards when sharded)."""
 
     def metrics(self) -> dict:
         """The search as ``extrapolate/*`` entries of metrics.jsonl (the trainer adds
@@ -105,7 +105,11 @@ class Extrapolator:
         min_gain: float = 0.125,
         max_gain: float = 64.0,
         storage: str | torch.device = "cpu",
+        total: Callable[[float], float] | None = None,
     ):
+        """``params`` may be this process's shards of sharded parameters (FSDP2): everything here
+        is elementwise, so each process keeps the anchor and rollback copy of its own shards only,
+        and ``total`` (the sum over processes) makes the logged update norm global."""
         if schedule not in SCHEDULES:
             raise ValueError(f"extrapolate.schedule={schedule!r} is not a schedule: choose one of {', '.join(SCHEDULES)}")
         if max_tries < 1:
@@ -120,6 +124,7 @@ class Extrapolator:
         self.max_step = max_step
         self.gain, self.min_gain, self.max_gain = init_gain, min_gain, max_gain
         self.storage = torch.device(storage)
+        self.total = total or (lambda x: x)
         self.anchor = {n: p.detach().to(self.storage, copy=True) for n, p in params.items()}
         self.history: list[SearchRecord] = []
         self.total_seconds = 0.0
@@ -160,7 +165,7 @@ class Extrapolator:
         """Run one search at ``step``; leaves the parameters at the best state found."""
         t0 = time.time()
         backup = {n: p.detach().to(self.storage, copy=True) for n, p in self.params.items()}
-        norm = sum(float((backup[n].float() - self.anchor[n].float()).pow(2).sum()) for n in backup) ** 0.5
+        norm = self.total(sum(float((backup[n].float() - self.anchor[n].float()).pow(2).sum()) for n in backup)) ** 0.5
         first = score()
         rec = SearchRecord(step=step, s0=first.value, noise=first.noise, best=first.value, update_norm=norm)
         best_c, accepted_index, worse_seen = 1.0, None, False

@@ -201,10 +201,9 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
         short = len(kept_golds) < k * n
         if rounds >= cfg.loss.max_sample_rounds or not agree(short):
             break
-        examples = _repeat(cfg, draw(k))
-        rounds += 1
-        if not short:  # this process is full: it only keeps the prompt order in step
-            continue
+        # a process that is full samples too (a sharded student generates collectively); it
+        # keeps only its first k groups
+        examples, rounds = _repeat(cfg, draw(k)), rounds + 1
         ro, golds = _sample(cfg, models, student, examples), [e.answer for e in examples]
         outcome_B, total_B = sample_rewards(cfg, ro, golds)
         all_outcomes.append(outcome_B)

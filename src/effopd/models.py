@@ -143,6 +143,11 @@ def load_model(name: str, role: str, dtype: str = "float32", device: str | torch
             "run code when loaded). Convert it once where you trust the file: AutoModelForCausalLM.from_pretrained(DIR)"
             ".save_pretrained(NEW_DIR) writes model.safetensors"
         )
+    if folder.is_dir() and (folder / "sharded").is_dir() and not any(folder.glob("model*.safetensors")):
+        raise ModelLoadError(
+            f"{path} is a sharded checkpoint of an FSDP2 run (its weights are in sharded/); consolidate it once with "
+            f"`effopd export {path} --out DIR` and use DIR"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True)
     except Exception as err:  # noqa: BLE001

@@ -162,10 +162,16 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
     temperature = _check_temperature(temperature)
     chunk_positions = _check_chunk("chunk_positions", chunk_positions)
     head = _lm_head(model)
+    ids_BT, mask_BT = rollout.response_ids_BT, rollout.response_mask_BT
+    if getattr(model, "_is_fsdp_managed_module", False):
+        return _inside_root_forward(model, rollout, lambda h_BTH: _chunked_logprobs(
+            head, h_BTH, ids_BT.to(h_BTH.device), mask_BT.to(h_BTH.device), temperature, chunk_positions))
     h_BTH = response_hidden_states(model, rollout)
-    B, T = rollout.response_ids_BT.shape
-    ids_BT = rollout.response_ids_BT.to(h_BTH.device)
-    mask_BT = rollout.response_mask_BT.to(h_BTH.device)
+    return _chunked_logprobs(head, h_BTH, ids_BT.to(h_BTH.device), mask_BT.to(h_BTH.device), temperature, chunk_positions)
+
+
+def _chunked_logprobs(head, h_BTH, ids_BT, mask_BT, temperature: float, chunk_positions: int) -> torch.Tensor:
+    B, T = ids_BT.shape
     if T == 0:
         return torch.zeros((B, 0), dtype=torch.float32, device=h_BTH.device)
     grad = torch.is_grad_enabled()
@@ -182,6 +188,35 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
         else:
             parts.append(_chunk_logprobs(head, h_BCH, ids_BC, temperature))
     return torch.where(mask_BT.bool(), torch.cat(parts, dim=1), 0.0)
+
+
+class _InPlaceOfHead(torch.nn.Module):
+    """Stands in for the LM head during one forward pass: ``fn(h)`` of the hidden states the
+    model would turn into logits, minus the last position (which predicts past the response)."""
+
+    def __init__(self, fn, head: torch.nn.Module):
+        super().__init__()
+        self.fn, self.head = fn, head
+
+    def forward(self, h_BLH: torch.Tensor) -> torch.Tensor:
+        return self.fn(h_BLH[:, :-1])
+
+
+def _inside_root_forward(model, rollout: Rollout, fn) -> torch.Tensor:
+    """``fn(hidden states predicting the response)`` computed inside one call of ``model`` whose
+    LM head is swapped for ``fn``. An FSDP2-sharded model gathers its embedding, norm and LM head
+    only for the duration of its own forward (and again for its backward), so the chunked head
+    must run there, on the gathered weight, not on the shards after the call returns."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    T = rollout.response_ids_BT.shape[1]
+    ids_BL, mask_BL, pos_BL = (x.to(_device(model)) for x in _sequence(rollout))
+    inner.set_output_embeddings(_InPlaceOfHead(fn, head))
+    try:
+        out = model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, logits_to_keep=T + 1, use_cache=False)
+    finally:
+        inner.set_output_embeddings(head)
+    return out.logits
 
 
 @torch.no_grad()

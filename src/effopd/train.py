@@ -9,7 +9,10 @@ averaged by DDP, and every data-dependent decision is agreed by all processes
 (``replicas.py``): the loss normaliser counts the whole global batch, DAPO's refill rounds,
 the non-finite skip, checkpoint write failures and EffOPD's accept/reject come out the same
 everywhere; evaluation and EffOPD's validation prompts are split across the processes and
-their results gathered.
+their results gathered. With ``train.parallel=fsdp2`` the student (and, with
+``train.shard_teacher``, the teacher) is sharded with FSDP2 (``sharding.py``) and every process
+runs the same sequence of forward passes (padded shards, agreed micro-batch counts), as the
+sharded layers gather their weights collectively.
 
 Updates per batch: ``loss.ppo_epochs`` passes over ``loss.mini_batches`` mini-batches, one
 optimizer update each. With one update per batch (the default) the "old" policy is the current
@@ -55,6 +58,7 @@ from effopd.rewards import reward
 from effopd.rollout import generate
 from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
 from effopd.scoring import score as score_logprobs
+from effopd.sharding import is_sharded, load_sharded, local, save_consolidated, save_sharded, shard_model
 from effopd.utils import atomic_write_text, isolated_rng
 
 
@@ -201,16 +205,27 @@ def evaluate_step(cfg: Config, accelerator, model, tokenizer, examples, run_dir:
     ``eval/step-N.jsonl``. Greedy evaluation (the default) does not depend on the number of
     processes; sampled evaluation draws each share from ``eval.seed``."""
     e = cfg.eval
-    local = shard(examples, accelerator.process_index, accelerator.num_processes)
+    mine, real = padded_shard(accelerator, examples)
+    n = 1 if e.greedy else e.samples
     records = evaluation_records(
-        model, tokenizer, local, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
+        model, tokenizer, mine, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
         temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed,
-    ) if local else []
+    )[: real * n]
     records = gather_list(accelerator, records)
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "eval" / f"step-{step}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    metrics = records_metrics(records, 1 if e.greedy else e.samples)
+    metrics = records_metrics(records, n)
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def padded_shard(accelerator, items: list) -> tuple[list, int]:
+    """This process's contiguous share of ``items`` and how many of them are real: every share
+    is padded to the same length (repeating an item), so that all processes run the same number
+    of forward passes, which sharded (FSDP2) models need; the padding's results are dropped."""
+    world = accelerator.num_processes
+    mine = shard(items, accelerator.process_index, world)
+    size = -(-len(items) // world)
+    return mine + [(mine or items)[-1]] * (size - len(mine)), len(mine)
 
 
 # ---- one update ------------------------------------------------------------------------------
@@ -229,12 +244,15 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
     denominator = max(sum_across(accelerator, [normaliser_count(cfg, batch)])[0], 1) / accelerator.num_processes
     total_tokens = batch.rollout.response_mask_BT.sum().clamp(min=1)
     sums: dict[str, float] = {"loss": 0.0}
-    for i in range(0, B, mb):
-        part = batch.select(slice(i, i + mb))
-        last = i + mb >= B
+    # the same number of micro-batches everywhere (a process short of rows runs weightless ones)
+    count = int(max_across(accelerator, -(-B // mb)))
+    for j in range(count):
+        i = j * mb
+        part = batch.select(slice(i, i + mb)) if i < B else batch.select(slice(0, 1)).weightless()
+        last = j == count - 1
         # DDP decides in the forward whether the backward all-reduces: both go inside no_sync, so
         # only the last micro-batch synchronises the accumulated gradient
-        with accelerator.no_sync(models.student) if not last else contextlib.nullcontext():
+        with no_sync(accelerator, models.student) if not last else contextlib.nullcontext():
             with accelerator.autocast():
                 loss, m = method.loss(cfg, models, part, denominator)
             accelerator.backward(loss)
@@ -245,6 +263,21 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
             if key in m:
                 sums[key] = sums.get(key, 0.0) + m[key] * float(share)
     return {f"train/{k}": v for k, v in sums.items()}
+
+
+@contextlib.contextmanager
+def no_sync(accelerator, model):
+    """Accumulate this backward's gradient without synchronising it (DDP's ``no_sync``; FSDP2's
+    ``set_requires_gradient_sync(False)``)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
 
 
 def mini_batches(accelerator, batch: Batch, n: int) -> list[Batch]:
@@ -259,6 +292,11 @@ def mini_batches(accelerator, batch: Batch, n: int) -> list[Batch]:
     starts = [sum(sizes[:i]) for i in range(count)]
     return [batch.select(slice(a, a + size)) if size else batch.select(slice(0, 1)).weightless()
             for a, size in zip(starts, sizes)]
+
+
+def full(t):
+    """A ``DTensor`` (a sharded model's gradient norm) as the whole tensor; anything else as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @dataclass
@@ -288,7 +326,7 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
         for mini in mini_batches(accelerator, batch, cfg.loss.mini_batches):
             # the loss as a mean over processes: every process takes the same skip decision
             m = mean_metrics(accelerator, accumulate_gradients(cfg, accelerator, models, method, mini))
-            m["train/grad_norm"] = float(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf))
+            m["train/grad_norm"] = float(full(accelerator.clip_grad_norm_(models.student.parameters(), cfg.optim.grad_clip or math.inf)))
             if math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"]):
                 optimizer.step()
                 scheduler.step()
@@ -306,13 +344,16 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
 ANCHOR_FILE = "extrapolate_anchor.safetensors"
 
 
-def make_extrapolator(cfg: Config, model) -> Extrapolator:
-    """EffOPD over the 2-D weights of the configured module types (logged at start-up)."""
+def make_extrapolator(cfg: Config, model, accelerator=None) -> Extrapolator:
+    """EffOPD over the 2-D weights of the configured module types (logged at start-up). Of a
+    sharded model it takes this process's shards, and sums the update norm over processes."""
     x = cfg.extrapolate
-    params = {n: p for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in x.modules}
+    params = {n: local(p) for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in x.modules}
+    total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and is_sharded(model) else None
     return Extrapolator(
         params, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, trigger_steps=x.trigger_steps,
         max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, max_gain=x.max_gain, storage=x.storage,
+        total=total,
     )
 
 
@@ -351,11 +392,11 @@ def validation_scorer(cfg: Config, accelerator, model, models: Models, val_set, 
     Each process scores its contiguous share of the prompts and the per-prompt scores are
     gathered, so every process computes the same ``Score`` and takes the same decision."""
     examples = val_set[: cfg.extrapolate.val_prompts]
-    local = shard(examples, accelerator.process_index, accelerator.num_processes)
+    mine, real = padded_shard(accelerator, examples)
 
     def score() -> Score:
-        mine = prompt_scores(cfg, model, models, local, seed).tolist() if local else []
-        per_prompt = torch.tensor(gather_list(accelerator, mine), dtype=torch.float32)
+        per_prompt = prompt_scores(cfg, model, models, mine, seed).tolist()[:real]
+        per_prompt = torch.tensor(gather_list(accelerator, per_prompt), dtype=torch.float32)
         noise = float(per_prompt.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
         return Score(float(per_prompt.mean()), noise)
 
@@ -394,21 +435,40 @@ def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, schedule
         ) from err
 
 
+def anchor_file(sharded: bool, rank: int) -> str:
+    """The EffOPD anchor's file: one per process (its shards) in a sharded run."""
+    return f"extrapolate_anchor-rank{rank}.safetensors" if sharded else ANCHOR_FILE
+
+
 def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator) -> None:
-    main = accelerator.is_main_process
+    main, rank, tmp = accelerator.is_main_process, accelerator.process_index, ckpt.tmp_dir(root, step)
+    student = accelerator.unwrap_model(models.student)
+    sharded = is_sharded(student)
 
     def weights_and_state():
-        tmp = ckpt.begin(root, step)
-        accelerator.unwrap_model(models.student).save_pretrained(tmp)
+        ckpt.begin(root, step)
+        if sharded:
+            student.config.save_pretrained(tmp)
+        else:
+            student.save_pretrained(tmp)
         models.tokenizer.save_pretrained(tmp)
         state = {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()}
         if extrapolator is not None:
             state["extrapolate"] = extrapolator.state_dict()
-            save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / ANCHOR_FILE)
-        ckpt.save_state(tmp, state, optimizer.state_dict())
+        ckpt.save_state(tmp, state, None if sharded else optimizer.state_dict())
 
     _on_every_process(accelerator, weights_and_state if main else None)
-    _on_every_process(accelerator, lambda: ckpt.save_rng(ckpt.tmp_dir(root, step), accelerator.process_index))
+    if sharded:  # collectives: every process writes its shards
+        _on_every_process(accelerator, lambda: save_sharded(tmp / ckpt.SHARDED_DIR, student, optimizer))
+        if cfg.train.consolidate_checkpoints or step == cfg.train.steps:
+            _on_every_process(accelerator, lambda: save_consolidated(student, tmp, main))
+
+    def per_process():
+        ckpt.save_rng(tmp, rank)
+        if extrapolator is not None and (main or sharded):
+            save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / anchor_file(sharded, rank))
+
+    _on_every_process(accelerator, per_process)
     _on_every_process(accelerator, (lambda: ckpt.finish(root, step, accelerator.num_processes, cfg.train.keep_last))
                       if main else None)
 
@@ -463,6 +523,17 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
         check_solutions(cfg, train_set)
     accelerator = make_accelerator(cfg, run_dir)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
+    # accelerate on CPU processes turns an FSDP launch into DDP without a word (it keeps only
+    # the environment variable): refuse both, so nobody trains replicated believing it sharded
+    launched = accelerator.distributed_type.value
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        launched = "FSDP"
+    if launched in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate was launched with distributed_type={launched}, which effopd does not use: launch with "
+            "accelerate_configs/ddp.yaml (or torchrun) and set train.parallel=fsdp2 to shard the student; effopd "
+            "applies FSDP2 itself"
+        )
     if cfg.rollout.batch_size % world:
         raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size} must be divisible by the {world} processes; "
                           f"use a multiple of {world} or launch fewer processes")
@@ -480,7 +551,11 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
             )
     val_set = load_split(cfg.data.val, cfg.data, "val") if cfg.extrapolate.enabled else None
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from else None)
+    sharded = cfg.train.parallel == "fsdp2" and world > 1
+    if cfg.train.parallel == "fsdp2" and world == 1 and is_main:
+        print("train.parallel=fsdp2 with one process: nothing to shard, the student trains unsharded")
+    # a sharded run's checkpoint holds the weights in shards: start from the init, then load them
+    models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from and not sharded else None)
     check_context(cfg, models, {"data.train": train_set, "data.eval": eval_set, "data.val": val_set or []})
     accelerator.wait_for_everyone()  # every process checked the old run dir before it changes
     if is_main:
@@ -491,17 +566,26 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     if cfg.train.gradient_checkpointing:
         models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    if sharded:  # before the optimizer, which must hold the sharded parameters
+        shard_model(models.student, accelerator.device.type, world)
+        for frozen in (models.teacher, models.base):
+            if frozen is not None and cfg.train.shard_teacher:
+                shard_model(frozen, accelerator.device.type, world)
+
     o = cfg.optim
     optimizer = torch.optim.AdamW(models.student.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps,
                               num_training_steps=cfg.train.steps * updates_per_batch(cfg))
-    models.student, optimizer, scheduler = accelerator.prepare(models.student, optimizer, scheduler)
+    if sharded:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        models.student, optimizer, scheduler = accelerator.prepare(models.student, optimizer, scheduler)
     extrapolator = None
     if cfg.extrapolate.enabled:
-        extrapolator = make_extrapolator(cfg, accelerator.unwrap_model(models.student))
+        extrapolator = make_extrapolator(cfg, accelerator.unwrap_model(models.student), accelerator)
         if is_main:
             n = sum(p.numel() for p in extrapolator.params.values())
-            print(f"EffOPD: extrapolating {len(extrapolator.params)} tensors ({n:,} parameters) of types "
+            print(f"EffOPD: extrapolating {len(extrapolator.params)} tensors ({n:,} parameters on this process) of types "
                   f"{cfg.extrapolate.modules}; validation on {min(len(val_set), cfg.extrapolate.val_prompts)} prompts")
     return Run(cfg, run_dir, accelerator, METHODS[cfg.loss.method], models, optimizer, scheduler,
                PromptSampler(len(train_set), cfg.train.seed), MetricsLog(run_dir / "metrics.jsonl", is_main),
@@ -516,11 +600,20 @@ def restore(run: Run) -> int:
             run.log.truncate_after(-1)
         return 0
     state = ckpt.load_state(run.resume_from)
-    run.optimizer.load_state_dict(state["optimizer"])
+    sharded = state["optimizer"] == ckpt.SHARDED_DIR
+    if sharded != is_sharded(run.unwrapped):
+        raise ckpt.CheckpointError(
+            f"{run.resume_from} was written by a run with train.parallel={'fsdp2' if sharded else 'ddp'}; resume it with "
+            f"the same setting")
+    if sharded:
+        load_sharded(run.resume_from / ckpt.SHARDED_DIR, run.unwrapped, run.optimizer)
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["sampler"])
     if run.extrapolator is not None:
-        run.extrapolator.load_state_dict(state["extrapolate"], load_file(run.resume_from / ANCHOR_FILE))
+        anchor = run.resume_from / anchor_file(sharded, run.accelerator.process_index)
+        run.extrapolator.load_state_dict(state["extrapolate"], load_file(anchor))
     ckpt.load_rng(run.resume_from, run.accelerator.process_index)
     run.log.truncate_after(state["step"])
     if run.accelerator.is_main_process:
