@@ -195,7 +195,7 @@ def test_listing_a_runs_checkpoints(run, tmp_path):
     assert parse_checkpoint_args([f"10={root / 'step-10'}"]) == [(10, root / "step-10")]
     assert parse_checkpoint_args([str(root / "step-10")]) == [(10, root / "step-10")]
     (root / "step-2" / "COMPLETE").unlink()
-    with pytest.warns(UserWarning), pytest.raises(AnalysisError, match="holds no complete step-N checkpoint"):
+    with pytest.warns(UserWarning), pytest.raises(AnalysisError, match="holds no complete checkpoint"):
         list_checkpoints(root)
     with pytest.raises(AnalysisError, match="does not exist"):
         list_checkpoints(tmp_path / "nowhere")

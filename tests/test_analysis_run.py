@@ -133,3 +133,37 @@ def test_gpt2_with_fused_attention(tmp_path):
     assert set(record["embedding_shift"]) == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert all(a["lock_in_step"] == 1 for a in record["alignment"]["per_module"].values())
     assert all(not math.isnan(x) for x in record["magnitude"]["total_norm"])
+
+
+def test_a_trainer_output_dir_is_analysed_like_the_same_weights_in_effopd_checkpoints(run, tmp_path):
+    """A transformers/TRL ``Trainer`` writes ``output_dir/checkpoint-N`` (weights, optimizer.pt,
+    trainer_state.json): ``analyze`` takes that folder as it is and gives the numbers it gives for
+    the same weights as effopd checkpoints."""
+    import shutil
+
+    from effopd.analysis import list_checkpoints
+
+    root, base, ckpts = run
+    out = tmp_path / "trl-output"
+    for step, path in ckpts:
+        dst = out / f"checkpoint-{step}"
+        shutil.copytree(path, dst)
+        (dst / "COMPLETE").unlink(missing_ok=True)  # the Trainer writes no effopd manifest
+        (dst / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    (out / "runs").mkdir()  # the Trainer's tensorboard folder sits beside the checkpoints
+    found = list_checkpoints(out)
+    assert [s for s, _ in found] == [s for s, _ in ckpts]
+    a = analyze(base, ckpts, tmp_path / "a", rank=2, progress=False)
+    b = analyze(base, found, tmp_path / "b", rank=2, progress=False)
+    for key in ("magnitude", "spectrum", "alignment", "modules"):
+        assert a[key] == b[key]
+
+    (out / f"checkpoint-{ckpts[0][0]}" / "trainer_state.json").unlink()  # a save that did not finish
+    with pytest.warns(UserWarning, match="no trainer_state.json"):
+        assert [s for s, _ in list_checkpoints(out)] == [s for s, _ in ckpts[1:]]
+    (out / f"checkpoint-{ckpts[0][0]}" / "trainer_state.json").write_text("{}")
+    adapter = out / "checkpoint-999"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AnalysisError, match="merge_and_unload"):
+        list_checkpoints(out)

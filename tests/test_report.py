@@ -326,3 +326,22 @@ def test_lock_in_thresholds_at_their_boundaries():
     # a direction fixed from the first checkpoint locks in at step 1 of 100: 1% of training
     a = V.lock_in(spectrum_analysis([0.05, 0.05], [1, 1]))
     assert a.answer == "yes" and a.numbers["lock_frac"] == 0.01
+
+
+def test_a_trainer_output_dir_gives_training_curves(tmp_path):
+    """A transformers/TRL Trainer's output_dir (no metrics.jsonl): the newest checkpoint-N's
+    trainer_state.json log history becomes the training curves, under effopd's metric names."""
+    out = tmp_path / "trl-run"
+    history = [{"step": s, "epoch": s / 40, "loss": 1.0 / s, "learning_rate": 1e-5, "reward": s / 20,
+                "completions/mean_length": 30 + s, "kl": 0.1} for s in range(1, 21)]
+    history += [{"step": 10, "eval_loss": 0.5}, {"step": 20, "eval_loss": 0.4}]
+    for step, upto in ((10, 10), (20, 22)):  # the older checkpoint holds a shorter history
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history[:upto]}))
+    loaded = load_run(out)
+    assert loaded.series("train/reward") == (list(range(1, 21)), [s / 20 for s in range(1, 21)])
+    assert loaded.series("eval/loss") == ([10, 20], [0.5, 0.4])
+    assert loaded.series("trl/kl") == ([], []) and loaded.series("train/kl")[0] == list(range(1, 21))
+    assert "checkpoint-20" in loaded.metrics_note and "20 steps" in loaded.metrics_note
+    html = build_report([out], tmp_path / "r.html").read_text()
+    assert "No training curves" not in html and "a transformers/TRL Trainer run" in html

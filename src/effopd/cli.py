@@ -189,7 +189,8 @@ def _add_analyze(sub) -> None:
                    "local cache first; the analysis reads its safetensors files), or `embedded` (the shipped "
                    "student); default: the run's model.student when the checkpoints belong to an effopd run")
     p.add_argument("--checkpoints", required=True, nargs="+", metavar="CKPT",
-                   help="a run directory, a run's checkpoints/ folder, step-N directories, or STEP=PATH pairs")
+                   help="a run directory, a run's checkpoints/ folder, step-N directories, a transformers/TRL "
+                   "Trainer output_dir (its checkpoint-N folders), or STEP=PATH pairs")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--no-eval", action="store_true",
                    help="skip the analyses that evaluate models (efficiency, functional contribution, low-rank "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -208,20 +209,51 @@ def common_names(base: CheckpointReader, ckpt: CheckpointReader) -> list[str]:
     return names
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """The complete ``step-N`` checkpoints under a run's ``checkpoints/`` folder, sorted by N.
+_TRAINER_DIR_RE = re.compile(r"^checkpoint-(\d+)$")
 
-    The same rule as resume (:func:`effopd.checkpoint.step_checkpoints`): temporary and
-    superseded folders are skipped, and a ``step-N`` folder without a valid ``COMPLETE``
-    manifest is left out with a warning. A folder with no complete checkpoint is an error."""
+
+def trainer_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``[(N, path)]`` of the ``checkpoint-N`` folders that a transformers ``Trainer`` (and so
+    every TRL trainer) writes into its ``output_dir``, sorted by N. A folder counts when it holds
+    full weights (``model.safetensors`` or its index) and ``trainer_state.json``, which the
+    Trainer writes after the weights; one that holds only a PEFT adapter is an error (its
+    tensors are not the model's)."""
+    found = []
+    for p in Path(root).iterdir():
+        m = _TRAINER_DIR_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if _is_model_dir(p) and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+        elif (p / "adapter_model.safetensors").exists():
+            raise AnalysisError(
+                f"{p} holds a PEFT adapter (adapter_model.safetensors), not full weights; merge it into its base "
+                "(PeftModel.from_pretrained(base, DIR).merge_and_unload().save_pretrained(OUT)) and pass OUT as STEP=OUT"
+            )
+        else:
+            warnings.warn(f"ignoring {p}: it has no model weights ({SINGLE}) or no trainer_state.json (a save that did "
+                          "not finish?)", stacklevel=2)
+    return sorted(found)
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints under ``root``, sorted by step: an effopd run's ``checkpoints/``
+    folder (``step-N``) or a transformers/TRL ``Trainer`` output directory (``checkpoint-N``,
+    see :func:`trainer_checkpoints`).
+
+    For effopd checkpoints the same rule as resume (:func:`effopd.checkpoint.step_checkpoints`):
+    temporary and superseded folders are skipped, and a ``step-N`` folder without a valid
+    ``COMPLETE`` manifest is left out with a warning. A folder with no complete checkpoint is an
+    error."""
     root = Path(root)
     if not root.is_dir():
         raise AnalysisError(f"checkpoint folder {root} does not exist; pass a run's checkpoints/ folder, "
                             "model directories, or STEP=PATH pairs")
-    found = step_checkpoints(root)
+    found = step_checkpoints(root) or trainer_checkpoints(root)
     if not found:
-        raise AnalysisError(f"{root} holds no complete step-N checkpoint (a step-N folder with a valid {COMPLETE} "
-                            "manifest); pass model directories as STEP=PATH instead")
+        raise AnalysisError(f"{root} holds no complete checkpoint: neither a step-N folder with a valid {COMPLETE} "
+                            "manifest (effopd) nor a checkpoint-N folder with weights and trainer_state.json (a "
+                            "transformers/TRL Trainer); pass model directories as STEP=PATH instead")
     return found
 
 

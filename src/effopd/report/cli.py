@@ -16,7 +16,8 @@ __all__ = ["ReportError", "add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``effopd report``."""
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directories (metrics.jsonl, config.yaml, analysis/); several are shown side by side")
+                        help="run directories (metrics.jsonl, config.yaml, analysis/) or transformers/TRL Trainer output "
+                        "directories (trainer_state.json); several are shown side by side")
     parser.add_argument("--out", type=Path, default=None,
                         help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
     parser.add_argument("--label", action="extend", nargs="+", default=None, metavar="NAME",

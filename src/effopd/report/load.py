@@ -99,11 +99,51 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         raise FileNotFoundError(f"run directory {path} does not exist (expected metrics.jsonl, config.yaml, analysis/ inside)")
     run = Run(path=path, label=label or path.resolve().name)
     run.metrics, run.metrics_note = read_metrics(path / "metrics.jsonl")
+    state = trainer_state_file(path)
+    if not (path / "metrics.jsonl").exists() and state is not None:
+        run.metrics, run.metrics_note = read_trainer_state(state)
     run.config_text, run.config = _read_config(path / "config.yaml")
     # an `effopd analyze --out` folder given directly holds analysis.json itself
     adir = path if (path / ANALYSIS_JSON).exists() and not (path / ANALYSIS_DIR / ANALYSIS_JSON).exists() else path / ANALYSIS_DIR
     run.analysis, run.analysis_note, run.tensors_path = _read_analysis(adir)
     return run
+
+
+TRAINER_KEYS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "reward": "train/reward",
+                "completions/mean_length": "train/response_length", "kl": "train/kl"}
+"""transformers/TRL ``log_history`` keys under the names effopd logs; ``eval_X`` becomes
+``eval/X`` and any other key ``trl/<key>``."""
+
+
+def trainer_state_file(path: Path) -> Path | None:
+    """The ``trainer_state.json`` of a transformers/TRL ``Trainer`` output directory: its own
+    (``trainer.save_state()``), else the newest ``checkpoint-N`` folder's; None if neither."""
+    if (path / "trainer_state.json").exists():
+        return path / "trainer_state.json"
+    steps = [(int(p.name.split("-", 1)[1]), p) for p in path.glob("checkpoint-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").exists()]
+    return max(steps)[1] / "trainer_state.json" if steps else None
+
+
+def read_trainer_state(path: Path) -> tuple[list[dict], str | None]:
+    """A Trainer's ``log_history`` as metrics rows (one per step, entries of a step merged),
+    with a note that says where they came from."""
+    try:
+        history = json.loads(path.read_text()).get("log_history", [])
+    except (OSError, ValueError, AttributeError) as err:
+        return [], f"{path} could not be read ({err}); no training curves"
+    rows: dict[int, dict] = {}
+    for entry in history:
+        if not isinstance(entry, dict) or not is_number(entry.get("step")):
+            continue
+        row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
+        for key, value in entry.items():
+            if key in ("step", "epoch"):
+                continue
+            name = TRAINER_KEYS.get(key) or (f"eval/{key[5:]}" if key.startswith("eval_") else f"trl/{key}")
+            row[name] = value
+    note = f"training curves from {path} (a transformers/TRL Trainer run: its log_history, {len(rows)} steps)"
+    return [rows[k] for k in sorted(rows)], note
 
 
 def _read_config(path: Path) -> tuple[str | None, dict]:
