@@ -76,7 +76,7 @@ def test_shards_are_contiguous_and_cover_the_items_once():
 
 def test_padded_shards_have_one_length_and_say_what_is_real():
     """Sharded models need every process to run the same forward passes: shares are padded."""
-    from effopd.train import padded_shard
+    from effopd.replicas import padded_shard
 
     def on(rank, items):
         return padded_shard(SimpleNamespace(num_processes=2, process_index=rank), items)

@@ -53,6 +53,16 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[start : start + n + (rank < extra)]
 
 
+def padded_shard(accelerator, items: list) -> tuple[list, int]:
+    """This process's contiguous share of ``items`` and how many of them are real: every share
+    is padded to the same length (repeating an item), so that all processes run the same number
+    of forward passes, which sharded (FSDP2) models need; the padding's results are dropped."""
+    world = accelerator.num_processes
+    mine = shard(items, accelerator.process_index, world)
+    size = -(-len(items) // world)
+    return mine + [(mine or items)[-1]] * (size - len(mine)), len(mine)
+
+
 def mean_metrics(acc, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
     """``metrics`` with every number replaced by its mean over processes (its sum for the keys
     in ``summed``). Every process must hold the same numeric keys (the loop guarantees it: all

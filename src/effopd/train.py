@@ -43,23 +43,22 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from effopd import checkpoint as ckpt
+from effopd import validation
 from effopd.config import Config, ConfigError
 from effopd.data import load_split
 from effopd.data.loaders import DatasetError
 from effopd.errors import RunStopped
 from effopd.evaluate import evaluation_records, records_metrics
-from effopd.extrapolate import Extrapolator, Score
+from effopd.extrapolate import Extrapolator
 from effopd.methods import METHODS, Batch, Method, Models, Prompts, check_solutions, normaliser_count
 from effopd.metrics import MetricsLog, read_metrics
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
-from effopd.module_groups import UnknownParameterError, module_group
-from effopd.replicas import any_replica, gather_list, max_across, mean_metrics, shard, sum_across
-from effopd.rewards import reward
-from effopd.rollout import generate
+from effopd.replicas import any_replica, gather_list, max_across, mean_metrics, padded_shard, sum_across
 from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
 from effopd.scoring import score as score_logprobs
-from effopd.sharding import is_sharded, load_sharded, local, save_consolidated, save_sharded, shard_model
-from effopd.utils import atomic_write_text, isolated_rng
+from effopd.sharding import is_sharded, load_sharded, save_consolidated, save_sharded, shard_model
+from effopd.utils import atomic_write_text
+from effopd.validation import select_parameters
 
 
 
@@ -218,16 +217,6 @@ def evaluate_step(cfg: Config, accelerator, model, tokenizer, examples, run_dir:
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def padded_shard(accelerator, items: list) -> tuple[list, int]:
-    """This process's contiguous share of ``items`` and how many of them are real: every share
-    is padded to the same length (repeating an item), so that all processes run the same number
-    of forward passes, which sharded (FSDP2) models need; the padding's results are dropped."""
-    world = accelerator.num_processes
-    mine = shard(items, accelerator.process_index, world)
-    size = -(-len(items) // world)
-    return mine + [(mine or items)[-1]] * (size - len(mine)), len(mine)
-
-
 # ---- one update ------------------------------------------------------------------------------
 
 _MICRO_METRICS = ("clip_frac", "reverse_kl", "jsd", "nll")
@@ -348,59 +337,30 @@ def make_extrapolator(cfg: Config, model, accelerator=None) -> Extrapolator:
     """EffOPD over the 2-D weights of the configured module types (logged at start-up). Of a
     sharded model it takes this process's shards, and sums the update norm over processes."""
     x = cfg.extrapolate
-    params = {n: local(p) for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in x.modules}
     total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and is_sharded(model) else None
     return Extrapolator(
-        params, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, trigger_steps=x.trigger_steps,
-        max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain, max_gain=x.max_gain, storage=x.storage,
-        total=total,
+        select_parameters(model, x.modules), schedule=x.schedule, max_tries=x.max_tries, margin=x.margin,
+        trigger_steps=x.trigger_steps, max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain,
+        max_gain=x.max_gain, storage=x.storage, total=total,
     )
 
 
-def _group_type(name: str) -> str | None:
-    """The module type of parameter ``name``, or None for a naming ``module_group`` does not know
-    (fused ``qkv_proj``/``gate_up_proj`` variants, MoE routers): such tensors are left out."""
-    try:
-        return module_group(name).type
-    except UnknownParameterError:
-        return None
-
-
 def prompt_scores(cfg: Config, model, models: Models, examples: list, seed: int) -> torch.Tensor:
-    """One validation score per example (float32, ``(len(examples),)``): the mean over its
-    samples, drawn with a fixed seed, of the verifiable reward or of the teacher's mean
-    per-token logprob of the sample."""
-    x = cfg.extrapolate
-    k = 1 if x.val_greedy else x.val_samples
-    prompts = [e.prompt for e in examples for _ in range(k)]
-    with isolated_rng(seed):
-        ro = generate(model, models.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, greedy=x.val_greedy,
-                      batch_size=cfg.rollout.generation_batch_size)
-    if x.score == "reward":
-        per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
-    else:
-        lp_BT = score_logprobs(models.teacher, ro, temperature=cfg.rollout.temperature, chunk_size=cfg.train.score_chunk_size,
-                               chunk_positions=cfg.train.logit_chunk)
-        per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
-    return per_sample.view(len(examples), k).mean(-1)
+    """``validation.prompt_scores`` with the run's settings: the rollout's length, temperature
+    and top-p, ``extrapolate.score``/``val_samples``/``val_greedy``, the teacher."""
+    x, r = cfg.extrapolate, cfg.rollout
+    return validation.prompt_scores(
+        model, models.tokenizer, examples, seed=seed, max_new_tokens=r.max_new_tokens, score=x.score, teacher=models.teacher,
+        samples=x.val_samples, greedy=x.val_greedy, temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
+        score_chunk_size=cfg.train.score_chunk_size, logit_chunk=cfg.train.logit_chunk,
+    )
 
 
 def validation_scorer(cfg: Config, accelerator, model, models: Models, val_set, seed: int):
-    """``score()`` for one search: the same validation prompts and seed for every candidate
-    (common random numbers); the mean and standard error over prompts of ``prompt_scores``.
-    Each process scores its contiguous share of the prompts and the per-prompt scores are
-    gathered, so every process computes the same ``Score`` and takes the same decision."""
-    examples = val_set[: cfg.extrapolate.val_prompts]
-    mine, real = padded_shard(accelerator, examples)
-
-    def score() -> Score:
-        per_prompt = prompt_scores(cfg, model, models, mine, seed).tolist()[:real]
-        per_prompt = torch.tensor(gather_list(accelerator, per_prompt), dtype=torch.float32)
-        noise = float(per_prompt.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
-        return Score(float(per_prompt.mean()), noise)
-
-    return score
+    """``score()`` for one search on the first ``extrapolate.val_prompts`` validation prompts
+    (``validation.validation_scorer``: split across processes, one decision)."""
+    return validation.validation_scorer(lambda examples: prompt_scores(cfg, model, models, examples, seed),
+                                        val_set[: cfg.extrapolate.val_prompts], accelerator)
 
 
 class ReplicaWriteError(OSError):

@@ -1,0 +1,91 @@
+"""EffOPD's pieces that need no effopd config: which weights it moves, and the validation score.
+
+Any training loop that holds a causal LM can run the controller (:class:`extrapolate.Extrapolator`)
+with these two: :func:`select_parameters` picks the attention/MLP weights by their names
+(``module_groups``), as this process's shards of a sharded model; :func:`validation_scorer`
+turns a per-prompt scoring function into the ``score()`` the controller calls, split across
+processes and gathered so that every process takes the same decision. :func:`prompt_scores` is
+the scoring function effopd's trainer uses: a verifiable reward, or the teacher's logprob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from effopd.extrapolate import Score
+from effopd.module_groups import UnknownParameterError, module_group
+from effopd.replicas import gather_list, padded_shard
+from effopd.scoring import CHUNK_POSITIONS
+from effopd.sharding import local
+
+
+def _group_type(name: str) -> str | None:
+    """The module type of parameter ``name``, or None for a naming ``module_group`` does not know
+    (fused ``qkv_proj``/``gate_up_proj`` variants, MoE routers): such tensors are left out."""
+    try:
+        return module_group(name).type
+    except UnknownParameterError:
+        return None
+
+
+def select_parameters(model: torch.nn.Module, modules: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The 2-D weights of ``model`` whose module type (``module_group(name).type``: q, k, v, o,
+    gate, up, down, ...) is in ``modules``, by name: the live tensors, or this process's shards
+    of a sharded (FSDP2) model (views: writing them writes the parameters)."""
+    wanted = set(modules)
+    return {n: local(p) for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in wanted}
+
+
+def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens: int, score: str = "reward",
+                  teacher=None, samples: int = 1, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  batch_size: int | None = None, score_chunk_size: int | None = None,
+                  logit_chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
+    """One score per example (float32, ``(len(examples),)``): the mean over its ``samples``
+    responses (one when ``greedy``), drawn from their own generator seeded with ``seed``, of the
+    verifiable reward against ``example.answer`` (``score="reward"``) or of ``teacher``'s mean
+    per-token logprob of the response at ``temperature`` (``score="teacher_logprob"``)."""
+    from effopd.rewards import reward
+    from effopd.rollout import generate
+    from effopd.scoring import score as score_logprobs
+    from effopd.utils import isolated_rng
+
+    if score not in ("reward", "teacher_logprob"):
+        raise ValueError(f"score={score!r}: choose reward or teacher_logprob")
+    if score == "teacher_logprob" and teacher is None:
+        raise ValueError("score=teacher_logprob needs the teacher model (teacher=...)")
+    k = 1 if greedy else samples
+    prompts = [e.prompt for e in examples for _ in range(k)]
+    with isolated_rng(seed):
+        ro = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      greedy=greedy, batch_size=batch_size)
+    if score == "reward":
+        per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
+    else:
+        lp_BT = score_logprobs(teacher, ro, temperature=temperature, chunk_size=score_chunk_size, chunk_positions=logit_chunk)
+        per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
+    return per_sample.view(len(examples), k).mean(-1)
+
+
+def validation_scorer(per_prompt: Callable[[list], torch.Tensor], examples: list, accelerator=None) -> Callable[[], Score]:
+    """``score()`` for one search: ``per_prompt(examples)`` (the same prompts and seed for every
+    candidate: common random numbers), as the mean and standard error over prompts.
+
+    With an ``accelerator`` of several processes, each scores its contiguous share (padded to
+    one length, as sharded models need) and the per-prompt scores are gathered in order, so every
+    process computes the same ``Score`` (bitwise what one process computes) and takes the same
+    decision."""
+    if not examples:
+        raise ValueError("validation_scorer: no validation examples; pass at least one")
+    mine, real = padded_shard(accelerator, examples) if accelerator is not None else (examples, len(examples))
+
+    def score() -> Score:
+        scores = per_prompt(mine).tolist()[:real]
+        if accelerator is not None:
+            scores = gather_list(accelerator, scores)
+        t = torch.tensor(scores, dtype=torch.float32)
+        noise = float(t.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
+        return Score(float(t.mean()), noise)
+
+    return score
