@@ -68,6 +68,13 @@ class Batch:
                        ro.logp_BT, ro.texts)
         return Batch(zero, self.golds, self.rewards_B, self.group_size, self.metrics, self.signals)
 
+    def part(self, start: int, size: int) -> "Batch":
+        """Rows ``start .. start + size``; with none there (a process short of rows, size 0 or
+        past its end), one weightless row, so that it still makes the forward passes the others make."""
+        if size > 0 and start < len(self):
+            return self.select(slice(start, start + size))
+        return self.select(slice(0, 1)).weightless()
+
     def select(self, rows: slice) -> "Batch":
         """Rows ``rows`` of everything (for mini- and micro-batches)."""
         return Batch(self.rollout.select(rows), self.golds[rows],

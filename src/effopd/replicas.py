@@ -72,7 +72,7 @@ def mean_metrics(acc, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     # a process with other keys would pair its numbers with the wrong ones (or wait forever)
     signature = float(int.from_bytes(hashlib.sha256("\n".join(keys).encode()).digest()[:6], "big"))
-    if max_across(acc, signature) != signature or -max_across(acc, -signature) != signature:
+    if _reduce(acc, [signature, -signature], "max") != [signature, -signature]:  # max and min in one
         raise RuntimeError(f"process {acc.process_index} logs the metrics {keys}, other processes log others; "
                            "every process must log the same keys")
     totals = sum_across(acc, [float(metrics[k]) for k in keys])

@@ -236,8 +236,7 @@ def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, 
     # the same number of micro-batches everywhere (a process short of rows runs weightless ones)
     count = int(max_across(accelerator, -(-B // mb)))
     for j in range(count):
-        i = j * mb
-        part = batch.select(slice(i, i + mb)) if i < B else batch.select(slice(0, 1)).weightless()
+        part = batch.part(j * mb, mb)
         last = j == count - 1
         # DDP decides in the forward whether the backward all-reduces: both go inside no_sync, so
         # only the last micro-batch synchronises the accumulated gradient
@@ -279,8 +278,7 @@ def mini_batches(accelerator, batch: Batch, n: int) -> list[Batch]:
     count = int(min(n, max_across(accelerator, len(batch))))
     sizes = [len(batch) // count + (i < len(batch) % count) for i in range(count)]
     starts = [sum(sizes[:i]) for i in range(count)]
-    return [batch.select(slice(a, a + size)) if size else batch.select(slice(0, 1)).weightless()
-            for a, size in zip(starts, sizes)]
+    return [batch.part(a, size) for a, size in zip(starts, sizes)]
 
 
 def full(t):
