@@ -37,6 +37,14 @@ import torch
 #: The candidate schedules (see the module docstring); the first is the default.
 SCHEDULES = ("paper", "adaptive")
 
+#: The anchor's file in a checkpoint folder (safetensors, the selected tensors by name).
+ANCHOR_FILE = "extrapolate_anchor.safetensors"
+
+
+def anchor_file(sharded: bool, rank: int) -> str:
+    """The anchor's file name: one per process (its shards) when the model is sharded."""
+    return f"extrapolate_anchor-rank{rank}.safetensors" if sharded else ANCHOR_FILE
+
 
 def extrapolated(anchor: torch.Tensor, current: torch.Tensor, c: float) -> torch.Tensor:
     """anchor + c·(current − anchor), elementwise, computed in float32 and cast to ``current``'s

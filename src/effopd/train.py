@@ -49,7 +49,7 @@ from effopd.data import load_split
 from effopd.data.loaders import DatasetError
 from effopd.errors import RunStopped
 from effopd.evaluate import evaluation_records, records_metrics
-from effopd.extrapolate import Extrapolator
+from effopd.extrapolate import Extrapolator, anchor_file
 from effopd.methods import METHODS, Batch, Method, Models, Prompts, check_solutions, normaliser_count
 from effopd.metrics import MetricsLog, read_metrics
 from effopd.models import check_same_vocab, freeze, load_model, load_tokenizer
@@ -58,7 +58,6 @@ from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
 from effopd.scoring import score as score_logprobs
 from effopd.sharding import is_sharded, load_sharded, save_consolidated, save_sharded, shard_model
 from effopd.utils import atomic_write_text
-from effopd.validation import select_parameters
 
 
 
@@ -328,18 +327,14 @@ def optimize(cfg: Config, accelerator, models: Models, method: Method, batch: Ba
     out["time/score"] = t_score
     return out
 
-ANCHOR_FILE = "extrapolate_anchor.safetensors"
-
-
 def make_extrapolator(cfg: Config, model, accelerator=None) -> Extrapolator:
-    """EffOPD over the 2-D weights of the configured module types (logged at start-up). Of a
-    sharded model it takes this process's shards, and sums the update norm over processes."""
+    """EffOPD over the 2-D weights of the configured module types (``validation.make_extrapolator``:
+    of a sharded model this process's shards, the update norm summed over processes)."""
     x = cfg.extrapolate
-    total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and is_sharded(model) else None
-    return Extrapolator(
-        select_parameters(model, x.modules), schedule=x.schedule, max_tries=x.max_tries, margin=x.margin,
+    return validation.make_extrapolator(
+        model, x.modules, accelerator, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin,
         trigger_steps=x.trigger_steps, max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain,
-        max_gain=x.max_gain, storage=x.storage, total=total,
+        max_gain=x.max_gain, storage=x.storage,
     )
 
 
@@ -391,11 +386,6 @@ def save_checkpoint(accelerator, cfg, run_dir, step, models, optimizer, schedule
             f"could not write checkpoint step-{step} in {root}: {err}. The previous checkpoint "
             f"({previous or 'none'}) is intact; free disk space or fix permissions, then continue with --resume"
         ) from err
-
-
-def anchor_file(sharded: bool, rank: int) -> str:
-    """The EffOPD anchor's file: one per process (its shards) in a sharded run."""
-    return f"extrapolate_anchor-rank{rank}.safetensors" if sharded else ANCHOR_FILE
 
 
 def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler, sampler, extrapolator) -> None:

@@ -10,15 +10,18 @@ the scoring function effopd's trainer uses: a verifiable reward, or the teacher'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from effopd.extrapolate import Score
+from effopd.extrapolate import Extrapolator, Score
 from effopd.module_groups import UnknownParameterError, module_group
-from effopd.replicas import gather_list, padded_shard
+from effopd.replicas import gather_list, padded_shard, sum_across
 from effopd.scoring import CHUNK_POSITIONS
-from effopd.sharding import local
+from effopd.sharding import is_sharded, local
+
+#: What a validation score can be besides a callable: the verifiable reward or the teacher's logprob.
+SCORES = ("reward", "teacher_logprob")
 
 
 def _group_type(name: str) -> str | None:
@@ -38,21 +41,34 @@ def select_parameters(model: torch.nn.Module, modules: Iterable[str]) -> dict[st
     return {n: local(p) for n, p in model.named_parameters() if p.ndim == 2 and _group_type(n) in wanted}
 
 
-def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens: int, score: str = "reward",
+def make_extrapolator(model: torch.nn.Module, modules: Iterable[str], accelerator=None, **controller) -> Extrapolator:
+    """The EffOPD controller over :func:`select_parameters` (``model``, ``modules``);
+    ``controller`` are :class:`~effopd.extrapolate.Extrapolator`'s keyword arguments. Of a
+    sharded model it takes this process's shards and sums the logged update norm over the
+    processes of ``accelerator`` (anything with ``num_processes``, e.g. accelerate's
+    ``PartialState``); replicated copies are not summed."""
+    total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and is_sharded(model) else None
+    return Extrapolator(select_parameters(model, modules), total=total, **controller)
+
+
+def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens: int,
+                  score: str | Callable[[list[str], list], Sequence[float]] = "reward",
                   teacher=None, samples: int = 1, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   batch_size: int | None = None, score_chunk_size: int | None = None,
                   logit_chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
     """One score per example (float32, ``(len(examples),)``): the mean over its ``samples``
     responses (one when ``greedy``), drawn from their own generator seeded with ``seed``, of the
-    verifiable reward against ``example.answer`` (``score="reward"``) or of ``teacher``'s mean
-    per-token logprob of the response at ``temperature`` (``score="teacher_logprob"``)."""
+    verifiable reward against ``example.answer`` (``score="reward"``), of ``teacher``'s mean
+    per-token logprob of the response at ``temperature`` (``score="teacher_logprob"``), or of
+    ``score(texts, examples)`` for a callable: one number per response text, ``examples[i]``
+    being the example response ``i`` answers (each repeated ``samples`` times)."""
     from effopd.rewards import reward
     from effopd.rollout import generate
     from effopd.scoring import score as score_logprobs
     from effopd.utils import isolated_rng
 
-    if score not in ("reward", "teacher_logprob"):
-        raise ValueError(f"score={score!r}: choose reward or teacher_logprob")
+    if not callable(score) and score not in SCORES:
+        raise ValueError(f"score={score!r}: choose reward or teacher_logprob, or pass a function (texts, examples) -> scores")
     if score == "teacher_logprob" and teacher is None:
         raise ValueError("score=teacher_logprob needs the teacher model (teacher=...)")
     k = 1 if greedy else samples
@@ -60,12 +76,22 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
     with isolated_rng(seed):
         ro = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       greedy=greedy, batch_size=batch_size)
-    if score == "reward":
+    if callable(score):
+        per_sample = torch.tensor([float(v) for v in _checked(score(ro.texts, [examples[i // k] for i in range(len(prompts))]),
+                                                               len(prompts))])
+    elif score == "reward":
         per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
     else:
         lp_BT = score_logprobs(teacher, ro, temperature=temperature, chunk_size=score_chunk_size, chunk_positions=logit_chunk)
         per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
-    return per_sample.view(len(examples), k).mean(-1)
+    return per_sample.float().view(len(examples), k).mean(-1)
+
+
+def _checked(values, n: int) -> list:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"the validation score function returned {len(values)} values for {n} responses; return one number per response")
+    return values
 
 
 def validation_scorer(per_prompt: Callable[[list], torch.Tensor], examples: list, accelerator=None) -> Callable[[], Score]:
