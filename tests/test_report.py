@@ -335,7 +335,9 @@ def test_a_trainer_output_dir_gives_training_curves(tmp_path):
     history = [{"step": s, "epoch": s / 40, "loss": 1.0 / s, "learning_rate": 1e-5, "reward": s / 20,
                 "completions/mean_length": 30 + s, "kl": 0.1} for s in range(1, 21)]
     history += [{"step": 10, "eval_loss": 0.5}, {"step": 20, "eval_loss": 0.4}]
-    for step, upto in ((10, 10), (20, 22)):  # the older checkpoint holds a shorter history
+    history += [{"step": 16, "extrapolate/s0": 0.5, "extrapolate/best": 0.6, "extrapolate/accepted_c": 3.0,
+                 "extrapolate/candidates": [3.0, 5.0], "extrapolate/scores": [0.6, 0.55], "extrapolate/seconds": 1.0}]
+    for step, upto in ((10, 10), (20, 23)):  # the older checkpoint holds a shorter history
         (out / f"checkpoint-{step}").mkdir(parents=True)
         (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history[:upto]}))
     loaded = load_run(out)
@@ -343,5 +345,7 @@ def test_a_trainer_output_dir_gives_training_curves(tmp_path):
     assert loaded.series("eval/loss") == ([10, 20], [0.5, 0.4])
     assert loaded.series("trl/kl") == ([], []) and loaded.series("train/kl")[0] == list(range(1, 21))
     assert "checkpoint-20" in loaded.metrics_note and "20 steps" in loaded.metrics_note
+    assert loaded.series("extrapolate/accepted_c") == ([16], [3.0])  # EffOPDCallback's searches keep their names
     html = build_report([out], tmp_path / "r.html").read_text()
     assert "No training curves" not in html and "a transformers/TRL Trainer run" in html
+    assert "EffOPD not enabled" not in html

@@ -112,7 +112,8 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
 TRAINER_KEYS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "reward": "train/reward",
                 "completions/mean_length": "train/response_length", "kl": "train/kl"}
 """transformers/TRL ``log_history`` keys under the names effopd logs; ``eval_X`` becomes
-``eval/X`` and any other key ``trl/<key>``."""
+``eval/X``, ``extrapolate/*`` (what ``EffOPDCallback`` logs) stays as it is, and any other key
+becomes ``trl/<key>``."""
 
 
 def trainer_state_file(path: Path) -> Path | None:
@@ -140,7 +141,8 @@ def read_trainer_state(path: Path) -> tuple[list[dict], str | None]:
         for key, value in entry.items():
             if key in ("step", "epoch"):
                 continue
-            name = TRAINER_KEYS.get(key) or (f"eval/{key[5:]}" if key.startswith("eval_") else f"trl/{key}")
+            name = TRAINER_KEYS.get(key) or (f"eval/{key[5:]}" if key.startswith("eval_") else
+                                             key if key.startswith("extrapolate/") else f"trl/{key}")
             row[name] = value
     note = f"training curves from {path} (a transformers/TRL Trainer run: its log_history, {len(rows)} steps)"
     return [rows[k] for k in sorted(rows)], note
