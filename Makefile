@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		echo "no GPU: installing the CPU build $(TORCH)"; \
 		$(PY) -m pip install --quiet "$(TORCH)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[test,trl]"
+	$(PY) -m pip install --quiet -e ".[test,trl,serve]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

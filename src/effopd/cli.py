@@ -1,4 +1,4 @@
-"""The `effopd` command: demo | bootstrap | train | eval | analyze | report."""
+"""The `effopd` command: demo | bootstrap | train | eval | analyze | report | export | serve-teacher."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   effopd report runs/opd runs/grpo --out compare.html
   accelerate launch --config_file accelerate_configs/ddp.yaml -m effopd.cli train --run-dir runs/ddp
   effopd export runs/fsdp/checkpoints/step-100 --out runs/fsdp/step-100-hf   # a sharded checkpoint
+  effopd serve-teacher --model embedded --port 8100 &      # then: effopd train model.teacher=http://127.0.0.1:8100
 """
 
 
@@ -139,6 +140,32 @@ def cmd_export(args) -> int:
     from effopd.sharding import export_sharded
 
     print(f"wrote {export_sharded(args.checkpoint, args.out)}")
+    return 0
+
+
+def _add_serve_teacher(sub) -> None:
+    p = sub.add_parser(
+        "serve-teacher", help="serve a frozen teacher over HTTP for trainers that should not hold it",
+        description="Loads the teacher once and answers POST /logprobs (the per-token logprobs of given token ids) "
+        "and GET /health (its vocabulary hash, which a trainer checks against the student's). Concurrent requests "
+        "are scored in batches of up to --max-batch-tokens tokens. Point a run at it with "
+        "model.teacher=http://HOST:PORT. Needs pip install 'effopd[serve]'.",
+    )
+    p.add_argument("--model", required=True, help="the teacher: a save_pretrained folder, a hub id, or embedded")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the teacher's dtype (default float32, as model.dtype; auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=65536,
+                   help="tokens (rows x padded length) scored in one forward pass (default 65536)")
+
+
+def cmd_serve_teacher(args) -> int:
+    from effopd.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          max_batch_tokens=args.max_batch_tokens)
     return 0
 
 
@@ -443,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     from effopd import __version__
 
     parser.add_argument("--version", action="version", version=f"effopd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze,report,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bootstrap,train,eval,analyze,report,export,serve-teacher}")
     _add_demo(sub)
     _add_bootstrap(sub)
     _add_train(sub)
@@ -451,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_analyze(sub)
     _add_report(sub)
     _add_export(sub)
+    _add_serve_teacher(sub)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE overrides may come after flags too (`train --no-progress optim.lr=3e-5`): argparse
     # gives a `nargs="*"` positional only the run of words before the first flag.
@@ -464,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":  # train first checks its config, which needs no transformers
         _quiet_transformers()
     handlers = {"demo": cmd_demo, "bootstrap": cmd_bootstrap, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "report": cmd_report,
-                "export": cmd_export}
+                "export": cmd_export, "serve-teacher": cmd_serve_teacher}
     try:
         return handlers[args.command](args)
     except RunStopped as err:  # a signal, or non-finite losses: the message says what was saved

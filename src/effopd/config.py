@@ -42,7 +42,15 @@ class ModelConfig:
     student: str = "embedded"
     """Student: a save_pretrained directory, a hub id, or `embedded` (the shipped default)."""
     teacher: str = "embedded"
-    """Teacher: must share the student's vocabulary."""
+    """Teacher: must share the student's vocabulary. `http://HOST:PORT`: a teacher served by `effopd serve-teacher`
+    (sampled-token logprobs only: OPD, G-OPD, EffOPD's teacher_logprob score; GKD and SFT need a local teacher)."""
+    teachers: dict[str, str] | None = None
+    """Several teachers, name -> path, hub id or URL (`model.teachers.math=PATH`); `data.teacher_field` names the
+    column that picks one per prompt. Replaces model.teacher; for the methods that score sampled tokens (opd, gopd)."""
+    teacher_timeout: float = 600.0
+    """Seconds a served teacher may take to answer one request."""
+    teacher_retries: int = 5
+    """Retries of a served-teacher request after a connection failure or timeout (waits 1, 2, 4, ... s)."""
     base: str | None = None
     """Frozen base for G-OPD; default (null) is the student's initial weights."""
     dtype: str = "float32"
@@ -53,6 +61,8 @@ class ModelConfig:
     def __post_init__(self):
         _require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
                  "choose float32, bfloat16 or float16 (the frozen models' dtype)")
+        _require(self.teacher_timeout > 0 and self.teacher_retries >= 0, "model.teacher_timeout/teacher_retries",
+                 (self.teacher_timeout, self.teacher_retries), "need a timeout > 0 and retries >= 0")
 
 
 @dataclass
@@ -67,6 +77,8 @@ class DataConfig:
     answer_field: str = "answer"
     solution_field: str = "solution"
     """Worked solutions (optional; needed only by `loss.method=sft-gt`)."""
+    teacher_field: str | None = None
+    """The column naming each prompt's teacher (a key of model.teachers); needed with model.teachers."""
     train_split: str | None = None
     eval_split: str | None = None
     val_split: str | None = None
@@ -334,6 +346,14 @@ class Config:
         if _methods()[loss.method].group:
             _require(n >= 2, "rollout.n", n, f"loss.method={loss.method} compares the n responses to one prompt, so it "
                      f"needs n >= 2 (e.g. rollout.n=8 rollout.batch_size=8, or start from --preset {loss.method})")
+        teachers, field_ = self.model.teachers, self.data.teacher_field
+        if teachers is not None or field_ is not None:
+            _require(bool(teachers) and field_ is not None, "model.teachers/data.teacher_field", (teachers, field_),
+                     "set both: model.teachers.NAME=PATH_OR_URL for each teacher and data.teacher_field=COLUMN, the "
+                     "column that names each prompt's teacher")
+            _require(loss.method in ("opd", "gopd"), "model.teachers", loss.method,
+                     f"several teachers score sampled tokens for opd and gopd; loss.method={loss.method} takes one "
+                     "teacher (model.teacher)")
         if loss.overlong_buffer is None:
             loss.overlong_buffer = self.rollout.max_new_tokens // 4
         _require(loss.overlong_buffer < self.rollout.max_new_tokens, "loss.overlong_buffer", loss.overlong_buffer,
@@ -397,6 +417,10 @@ def preset_path(name: str) -> Path:
     return path
 
 
+#: Fields that are mappings: any key below them is the user's (``model.teachers.math``).
+MAPPING_KEYS = ("model.teachers.",)
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Defaults <- each YAML file in order <- dotted ``key=value`` overrides."""
     layers = []
@@ -413,7 +437,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     named = [k for layer in layers for k in _leaf_keys(OmegaConf.to_container(layer))]
     named += [item.split("=", 1)[0] for item in overrides if "=" in item]
     for key in named:
-        if key not in valid:
+        if key not in valid and not key.startswith(MAPPING_KEYS):
             raise ConfigError(f"config: unknown key `{key}`{_suggest(key)}")
     strings = _string_keys(Config)
     for item in overrides:

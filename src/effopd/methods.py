@@ -32,12 +32,15 @@ from effopd.rewards import reward
 from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
 from effopd.scoring import gather_logprobs, response_logits, token_logprobs
 from effopd.scoring import score as score_logprobs
+from effopd.teachers import Routed, Teacher
+from effopd.teachers import teacher_logprobs as teacher_logprobs_of
 
 
 @dataclass
 class Models:
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
+    teacher: torch.nn.Module | Teacher | Routed | None
+    """A local model, a served teacher's client, or several of them routed by prompt."""
     base: torch.nn.Module | None
     tokenizer: object
 
@@ -109,6 +112,8 @@ class Method:
     prepare: Callable[..., None] | None = None
     """``prepare(cfg, models, batch)``: per-batch tensors without gradient, into ``batch.signals``."""
     needs_teacher: bool = False
+    local_teacher: bool = False
+    """The teacher must be a local model (its full distribution, or its own samples), not a served one."""
     needs_base: bool = False
     group: bool = False
     """n responses per prompt form a group that the loss compares (needs rollout.n >= 2)."""
@@ -125,9 +130,10 @@ class Method:
 
 def _sample(cfg, models: Models, model, examples) -> Rollout:
     r = cfg.rollout
+    # several teachers: the sampler's logprobs give each teacher's reverse KL (train/reverse_kl/NAME)
     return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
                     temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
-                    keep_logprobs=cfg.loss.rollout_is)
+                    keep_logprobs=cfg.loss.rollout_is or isinstance(models.teacher, Routed))
 
 
 def _mean_reward(ro: Rollout, golds: list[str]) -> float:
@@ -143,7 +149,10 @@ def student_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
     examples = _repeat(cfg, draw(k))
     ro = _sample(cfg, models, student, examples)
     golds = [e.answer for e in examples]
-    return Batch(ro, golds, metrics={"train/reward": _mean_reward(ro, golds)})
+    batch = Batch(ro, golds, metrics={"train/reward": _mean_reward(ro, golds)})
+    if isinstance(models.teacher, Routed):  # each row is scored by its prompt's teacher
+        batch.signals["teacher_route_B"] = models.teacher.index([e.teacher for e in examples])
+    return batch
 
 
 def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
@@ -229,10 +238,20 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
 
 
 def teacher_logprobs(cfg, models: Models, batch: Batch) -> None:
-    """The teacher's logprob of each sampled token at rollout.temperature (see the module docstring)."""
-    batch.signals["teacher_logp_BT"] = score_logprobs(models.teacher, batch.rollout, temperature=cfg.rollout.temperature,
-                                                      chunk_size=cfg.train.score_chunk_size,
-                                                      chunk_positions=cfg.train.logit_chunk)
+    """The teacher's logprob of each sampled token at rollout.temperature (see the module docstring);
+    with several teachers, each row's own teacher's, and each teacher's reverse KL on its rows."""
+    route = batch.signals.get("teacher_route_B")
+    lp_BT = teacher_logprobs_of(models.teacher, batch.rollout, cfg.rollout.temperature, route=route,
+                                chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
+    batch.signals["teacher_logp_BT"] = lp_BT
+    if route is not None:  # token-weighted over processes: a sum and a count per teacher
+        ro = batch.rollout
+        mask_BT = ro.response_mask_BT.to(lp_BT.device).float()
+        kl_BT = (ro.logp_BT.to(lp_BT.device) - lp_BT) * mask_BT
+        for k, name in enumerate(models.teacher.names):
+            rows = (route == k).to(lp_BT.device)
+            batch.metrics[f"train/reverse_kl/{name}:sum"] = float(kl_BT[rows].sum())
+            batch.metrics[f"train/reverse_kl/{name}:count"] = float(mask_BT[rows].sum())
 
 
 def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
@@ -328,12 +347,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("opd", student_samples, policy_gradient(_opd), prepare=teacher_logprobs, needs_teacher=True, ratio=True),
     Method("gopd", student_samples, policy_gradient(_gopd), prepare=teacher_and_base_logprobs, needs_teacher=True,
            needs_base=True, ratio=True),
-    Method("gkd", student_samples, gkd_loss, needs_teacher=True),
+    Method("gkd", student_samples, gkd_loss, needs_teacher=True, local_teacher=True),
     Method("grpo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
            defaults={"aggregation": "seq-mean-token-mean"}),
     Method("dapo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
            defaults={"clip_eps_high": 0.28, "dynamic_sampling": True, "overlong_penalty": 1.0}),
-    Method("sft", teacher_samples, nll_loss, needs_teacher=True),
+    Method("sft", teacher_samples, nll_loss, needs_teacher=True, local_teacher=True),
     Method("sft-gt", worked_solutions, nll_loss, needs_solutions=True),
 )}
 

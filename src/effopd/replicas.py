@@ -66,9 +66,13 @@ def padded_shard(accelerator, items: list) -> tuple[list, int]:
 def mean_metrics(acc, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
     """``metrics`` with every number replaced by its mean over processes (its sum for the keys
     in ``summed``). Every process must hold the same numeric keys (the loop guarantees it: all
-    run the same method)."""
+    run the same method).
+
+    A pair ``K:sum`` and ``K:count`` (a weighted mean: e.g. a per-teacher KL summed over that
+    teacher's tokens, and the token count) is summed over processes and becomes ``K`` = sum /
+    count, left out where the count is 0."""
     if acc.num_processes == 1:
-        return dict(metrics)
+        return _ratios(dict(metrics))
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     # a process with other keys would pair its numbers with the wrong ones (or wait forever)
     signature = float(int.from_bytes(hashlib.sha256("\n".join(keys).encode()).digest()[:6], "big"))
@@ -78,5 +82,14 @@ def mean_metrics(acc, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
     totals = sum_across(acc, [float(metrics[k]) for k in keys])
     out = dict(metrics)
     for k, total in zip(keys, totals):
-        out[k] = total if k in summed else total / acc.num_processes
-    return out
+        out[k] = total if k in summed or k.endswith((":sum", ":count")) else total / acc.num_processes
+    return _ratios(out)
+
+
+def _ratios(metrics: dict) -> dict:
+    for key in [k for k in metrics if k.endswith(":sum")]:
+        base, total = key[: -len(":sum")], metrics.pop(key)
+        count = metrics.pop(base + ":count", 0)
+        if count:
+            metrics[base] = total / count
+    return metrics

@@ -57,6 +57,7 @@ from effopd.replicas import any_replica, gather_list, max_across, mean_metrics, 
 from effopd.rundir import RunDirError, check_run_dir, flatten, init_run_dir
 from effopd.scoring import score as score_logprobs
 from effopd.sharding import is_sharded, load_sharded, save_consolidated, save_sharded, shard_model
+from effopd.teachers import RemoteTeacher, Routed, TeacherUnavailable, is_url
 from effopd.utils import atomic_write_text
 
 
@@ -163,7 +164,9 @@ def check_context(cfg: Config, models: Models, sets: dict[str, list]) -> None:
             if n > longest:
                 longest, where = n, key
     new = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    for role, model in (("student", models.student), ("teacher", models.teacher), ("base", models.base)):
+    t = models.teacher
+    teachers = [(f"teacher {n}", m) for n, m in t.teachers.items()] if isinstance(t, Routed) else [("teacher", t)]
+    for role, model in (("student", models.student), *teachers, ("base", models.base)):
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if limit and longest + new > limit:
             raise ConfigError(
@@ -183,18 +186,45 @@ def updates_per_batch(cfg: Config) -> int:
     return cfg.loss.ppo_epochs * cfg.loss.mini_batches
 
 
+def load_teacher(cfg: Config, name: str, tok, device):
+    """One teacher: a served one (``http://...``, its vocabulary checked over the wire) or a
+    local frozen model (its tokenizer checked)."""
+    m = cfg.model
+    if is_url(name):
+        if METHODS[cfg.loss.method].local_teacher:
+            raise ConfigError(f"loss.method={cfg.loss.method} needs a local teacher (its full distribution or its own "
+                              f"samples), but model.teacher={name} is a served one, which gives sampled-token "
+                              "logprobs only; point model.teacher at the model itself")
+        teacher = RemoteTeacher(name, timeout=m.teacher_timeout, retries=m.teacher_retries)
+        teacher.check_vocab(tok, m.student)
+        return teacher
+    check_same_vocab(tok, load_tokenizer(name, "teacher"), m.student, name)
+    return freeze(load_model(name, "teacher", m.dtype, device))
+
+
 def load_models(cfg: Config, device, student_path: str | None = None) -> Models:
     m, method = cfg.model, METHODS[cfg.loss.method]
     tok = load_tokenizer(m.student, "student")
     teacher = None
-    if needs_teacher(cfg):
-        check_same_vocab(tok, load_tokenizer(m.teacher, "teacher"), m.student, m.teacher)
-        teacher = freeze(load_model(m.teacher, "teacher", m.dtype, device))
+    if needs_teacher(cfg) and m.teachers:
+        teacher = Routed({name: load_teacher(cfg, spec, tok, device) for name, spec in m.teachers.items()})
+    elif needs_teacher(cfg):
+        teacher = load_teacher(cfg, m.teacher, tok, device)
     student = load_model(student_path or m.student, "student", "float32", device)  # float32 master weights
     base = None
     if method.needs_base:  # the frozen student *init*, never a resumed checkpoint
         base = freeze(load_model(m.base or m.student, "student", m.dtype, device))
     return Models(student, teacher, base, tok)
+
+
+def check_routes(models: Models, sets: dict[str, list]) -> None:
+    """With several teachers, every prompt must name one of them (checked before any step)."""
+    if isinstance(models.teacher, Routed):
+        for key, examples in sets.items():
+            try:
+                models.teacher.index([e.teacher for e in examples], where=f"{key}: ")
+            except KeyError as err:
+                raise DatasetError(err.args[0]) from None
 
 
 def evaluate_step(cfg: Config, accelerator, model, tokenizer, examples, run_dir: Path, step: int) -> dict:
@@ -464,7 +494,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     """Check the inputs and load everything before the run directory is touched (a failed start
     leaves nothing behind), then create it."""
     check_run_dir(cfg, run_dir, resume, overwrite)
-    train_set, eval_set = load_split(cfg.data.train, cfg.data, "train"), load_split(cfg.data.eval, cfg.data, "eval")
+    routed = cfg.data.teacher_field
+    train_set, eval_set = load_split(cfg.data.train, cfg.data, "train", routed), load_split(cfg.data.eval, cfg.data, "eval")
     if not train_set:
         raise DatasetError(f"data.train={cfg.data.train} holds no examples; point it at a prompt set with at least one row")
     if METHODS[cfg.loss.method].needs_solutions:
@@ -497,7 +528,8 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
                 f"--resume: {run_dir / 'checkpoints'} holds no complete, readable checkpoint, so there is nothing to "
                 "continue from; start again with --overwrite (the run's files are replaced)"
             )
-    val_set = load_split(cfg.data.val, cfg.data, "val") if cfg.extrapolate.enabled else None
+    teacher_scored = cfg.extrapolate.score == "teacher_logprob"  # validation prompts name their teachers too
+    val_set = load_split(cfg.data.val, cfg.data, "val", routed if teacher_scored else None) if cfg.extrapolate.enabled else None
     torch.manual_seed(cfg.train.seed + accelerator.process_index)
     sharded = cfg.train.parallel == "fsdp2" and world > 1
     if cfg.train.parallel == "fsdp2" and world == 1 and is_main:
@@ -505,6 +537,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     # a sharded run's checkpoint holds the weights in shards: start from the init, then load them
     models = load_models(cfg, accelerator.device, student_path=str(resume_from) if resume_from and not sharded else None)
     check_context(cfg, models, {"data.train": train_set, "data.eval": eval_set, "data.val": val_set or []})
+    check_routes(models, {"data.train": train_set, **({"data.val": val_set} if val_set and teacher_scored else {})})
     accelerator.wait_for_everyone()  # every process checked the old run dir before it changes
     if is_main:
         init_run_dir(cfg, run_dir, overwrite)
@@ -517,7 +550,7 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     if sharded:  # before the optimizer, which must hold the sharded parameters
         shard_model(models.student, accelerator.device.type, world)
         for frozen in (models.teacher, models.base):
-            if frozen is not None and cfg.train.shard_teacher:
+            if isinstance(frozen, torch.nn.Module) and cfg.train.shard_teacher:
                 shard_model(frozen, accelerator.device.type, world)
 
     o = cfg.optim
@@ -678,6 +711,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     run = setup(cfg, Path(run_dir), resume, overwrite)
     try:
         return loop(run, restore(run), progress)
+    except TeacherUnavailable as err:
+        last = ckpt.latest(run.run_dir / "checkpoints")
+        raise TeacherUnavailable(f"{err}. Training stopped; the last complete checkpoint is {last or 'none (no checkpoint yet)'}: "
+                                 f"once the server answers, continue with effopd train --run-dir {run.run_dir} --resume") from err
     finally:
         if cfg.train.report_to:
             run.accelerator.end_training()  # flush the trackers, also after an error

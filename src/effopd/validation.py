@@ -64,7 +64,7 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
     being the example response ``i`` answers (each repeated ``samples`` times)."""
     from effopd.rewards import reward
     from effopd.rollout import generate
-    from effopd.scoring import score as score_logprobs
+    from effopd.teachers import Routed, teacher_logprobs
     from effopd.utils import isolated_rng
 
     if not callable(score) and score not in SCORES:
@@ -82,7 +82,9 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
     elif score == "reward":
         per_sample = torch.tensor([reward(t, examples[i // k].answer) for i, t in enumerate(ro.texts)])
     else:
-        lp_BT = score_logprobs(teacher, ro, temperature=temperature, chunk_size=score_chunk_size, chunk_positions=logit_chunk)
+        route = teacher.index([examples[i // k].teacher for i in range(len(prompts))]) if isinstance(teacher, Routed) else None
+        lp_BT = teacher_logprobs(teacher, ro, temperature, chunk_size=score_chunk_size, chunk_positions=logit_chunk,
+                                 route=route)
         per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
     return per_sample.float().view(len(examples), k).mean(-1)
 

@@ -35,13 +35,19 @@ def apply_template(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
 
 
-def load_split(source: str, data_cfg, which: str) -> list[Example]:
-    """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split."""
+def load_split(source: str, data_cfg, which: str, teacher_field: str | None = None) -> list[Example]:
+    """``which`` is "train", "val" or "eval". ``embedded`` gives the task's train, val or test split.
+    ``teacher_field``: read each row's teacher name from that column (several teachers)."""
     if source == REQUIRED:
         from effopd.data.loaders import DatasetError
 
         raise DatasetError(f"data.{which} is not set: this config needs your own prompt set; pass data.{which}=PATH "
                            "(.jsonl, .parquet or a `datasets` directory with prompt and answer fields)")
+    if source == EMBEDDED and teacher_field is not None:
+        from effopd.data.loaders import DatasetError
+
+        raise DatasetError(f"data.{which}=embedded has no teacher column, but data.teacher_field={teacher_field} asks for "
+                           f"one: several teachers need a prompt set whose rows name their teacher (data.{which}=PATH)")
     if source == EMBEDDED:
         splits = embedded_splits(data_cfg.task_seed, data_cfg.task_min_ops, data_cfg.task_max_ops, data_cfg.task_digits)
         examples = splits[{"train": "train", "val": "val", "eval": "test"}[which]]
@@ -50,7 +56,8 @@ def load_split(source: str, data_cfg, which: str) -> list[Example]:
 
         split = {"train": data_cfg.train_split, "val": data_cfg.val_split, "eval": data_cfg.eval_split}[which]
         examples = load_examples(source, prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field,
-                                 solution_field=data_cfg.solution_field, split=split, split_key=f"data.{which}_split")
+                                 solution_field=data_cfg.solution_field, split=split, split_key=f"data.{which}_split",
+                                 teacher_field=teacher_field)
         check_answers(examples, source)
     if which == "eval" and data_cfg.eval_limit:
         examples = examples[: data_cfg.eval_limit]

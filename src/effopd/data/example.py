@@ -18,3 +18,5 @@ class Example:
     answer: str
     solution: str | None = None
     source: str = ""
+    teacher: str | None = None
+    """The teacher that scores this prompt (a key of ``model.teachers``); None: the only teacher."""

@@ -42,6 +42,7 @@ def load_examples(
     split: str | None = None,
     split_key: str = "split",
     limit: int | None = None,
+    teacher_field: str | None = None,
 ) -> list[Example]:
     """Load the examples of a prompt set at ``path`` (jsonl, parquet or a saved HF dataset).
 
@@ -49,11 +50,14 @@ def load_examples(
     is missing or null). Numeric answers become strings (``42``, ``42.0`` -> ``"42"``; ``0.5`` ->
     ``"0.5"``). ``split`` selects one split of a saved ``DatasetDict`` (required when it has
     several; an error for inputs without splits). ``limit`` keeps the first ``limit`` examples and
-    stops reading there, so rows after it are not validated.
+    stops reading there, so rows after it are not validated. ``teacher_field`` (optional) names
+    the column whose text names each row's teacher; every row must have it.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     fields = {"prompt": prompt_field, "answer": answer_field, "solution": solution_field}
+    if teacher_field is not None:
+        fields["teacher"] = teacher_field
     name = str(path)
     p = Path(path)
     if not p.exists():
@@ -214,7 +218,15 @@ def _to_example(row: Any, source: str, fields: Mapping[str, str]) -> Example:
             "verifiable answer: fill it in or remove the row"
         )
     solution = _text(row.get(fields["solution"]), source, fields["solution"])
-    return Example(prompt=prompt, answer=answer, solution=solution, source=source)
+    teacher = None
+    if "teacher" in fields:
+        teacher = row.get(fields["teacher"])
+        if not isinstance(teacher, str) or not teacher.strip():
+            raise DatasetError(
+                f"{source}: teacher field {fields['teacher']!r} is {teacher!r}; every row needs the name of its teacher "
+                "(a key of model.teachers) there, or set data.teacher_field to the column that holds it"
+            )
+    return Example(prompt=prompt, answer=answer, solution=solution, source=source, teacher=teacher)
 
 
 def _text(value: Any, source: str, field: str) -> str | None:

@@ -1,0 +1,213 @@
+"""The teacher behind one interface: a local model, or a model served by ``effopd serve-teacher``.
+
+Everything that asks the teacher for the logprobs of sampled tokens (OPD and G-OPD advantages,
+EffOPD's ``teacher_logprob`` score) calls :func:`teacher_logprobs`, which takes either:
+
+- a local ``torch.nn.Module`` (scored by :func:`effopd.scoring.score`, chunked LM head), or
+- a :class:`RemoteTeacher`, which sends the token ids of the batch (never text: both sides score
+  exactly the same tokens) to a teacher server over HTTP and gets the per-token logprobs back as
+  raw float32 bytes. A lone request is scored by the server as the same padded batch, with the
+  same function, so a served teacher gives bitwise the local teacher's numbers on one machine.
+
+The client checks at start-up that the server's tokenizer has the student's vocabulary (a hash
+of the token → id map, both hashes named when they differ), retries connection failures and
+timeouts with exponential backoff, and then raises :class:`TeacherUnavailable` naming the URL.
+
+Methods that need more than sampled-token logprobs (GKD's full distribution, SFT's
+teacher-written responses) need a local teacher.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from effopd.errors import UserError
+
+#: Teacher specs that name a server rather than a model.
+URL_PREFIXES = ("http://", "https://")
+
+
+class TeacherUnavailable(UserError, ConnectionError):
+    """The teacher server did not answer after the configured retries."""
+
+
+class TeacherServerError(UserError, RuntimeError):
+    """The teacher server answered with an error (a bad request, a failure while scoring)."""
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What a trainer needs from a teacher it does not hold: per-token logprobs of given tokens."""
+
+    def logprobs(self, rollout, temperature: float) -> torch.Tensor:
+        """``(B, T)`` float32 logprobs of ``rollout.response_ids_BT`` under softmax(logits /
+        temperature), 0 on padding."""
+
+
+def is_url(spec: str | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(URL_PREFIXES)
+
+
+def vocab_hash(tokenizer) -> str:
+    """SHA-256 (16 hex digits) of the tokenizer's token → id map: equal hashes, same ids."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class Routed:
+    """Several teachers by name (``model.teachers``); each row of a batch is scored by the teacher
+    its prompt names (``route``: one index into ``names`` per row)."""
+
+    def __init__(self, teachers: dict):
+        if not teachers:
+            raise ValueError("Routed needs at least one teacher")
+        self.names, self.teachers = list(teachers), dict(teachers)
+
+    def index(self, names: list[str | None], where: str = "") -> torch.Tensor:
+        """The route of rows whose prompts name ``names``; an unknown name is an error."""
+        bad = sorted({n for n in names if n not in self.teachers}, key=str)
+        if bad:
+            raise KeyError(f"{where}prompts name the teachers {bad[:3]}, which model.teachers does not define "
+                           f"(it has {self.names}); fix the rows' teacher column or add model.teachers.NAME=PATH")
+        return torch.tensor([self.names.index(n) for n in names], dtype=torch.long)
+
+
+def teacher_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
+                     chunk_positions: int | None = None, route: torch.Tensor | None = None) -> torch.Tensor:
+    """The teacher's logprob of each response token: a local model's through
+    :func:`effopd.scoring.score` (``chunk_size`` rows per pass, ``chunk_positions`` per LM-head
+    chunk), a served one's through its client; with :class:`Routed` teachers, each row's own
+    teacher's (``route``), each teacher scoring its rows as one batch."""
+    if isinstance(teacher, Routed):
+        if route is None or len(route) != rollout.response_ids_BT.shape[0]:
+            raise ValueError("several teachers need the route: one teacher index per row")
+        out = None
+        for k, name in enumerate(teacher.names):
+            rows = (route == k).nonzero().flatten()
+            if len(rows):
+                lp = teacher_logprobs(teacher.teachers[name], rollout.select(rows), temperature, chunk_size=chunk_size,
+                                      chunk_positions=chunk_positions)
+                out = torch.zeros(rollout.response_ids_BT.shape, dtype=lp.dtype, device=lp.device) if out is None else out
+                out[rows.to(lp.device)] = lp.to(out.device)
+        return out
+    if isinstance(teacher, Teacher) and not isinstance(teacher, torch.nn.Module):
+        return teacher.logprobs(rollout, temperature)
+    from effopd.scoring import CHUNK_POSITIONS, score
+
+    return score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
+                 chunk_positions=chunk_positions or CHUNK_POSITIONS)
+
+
+# ---- wire format -------------------------------------------------------------------------------
+
+
+def encode_floats(t: torch.Tensor) -> str:
+    return base64.b64encode(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).decode()
+
+
+def decode_floats(text: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()).view(*shape)
+
+
+def rollout_request(rollout, temperature: float) -> dict:
+    """The JSON body of a ``/logprobs`` request: the padded batch as lists of token ids and masks."""
+    return {
+        "prompt_ids": rollout.prompt_ids_BP.tolist(), "prompt_mask": rollout.prompt_mask_BP.tolist(),
+        "response_ids": rollout.response_ids_BT.tolist(), "response_mask": rollout.response_mask_BT.tolist(),
+        "temperature": float(temperature),
+    }
+
+
+def request_rollout(body: dict):
+    """The :class:`~effopd.rollout.Rollout` a ``/logprobs`` request describes (checked)."""
+    from effopd.rollout import Rollout
+
+    try:
+        p, pm = torch.tensor(body["prompt_ids"], dtype=torch.long), torch.tensor(body["prompt_mask"], dtype=torch.long)
+        r, rm = torch.tensor(body["response_ids"], dtype=torch.long), torch.tensor(body["response_mask"], dtype=torch.long)
+        temperature = float(body.get("temperature", 1.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"a /logprobs request needs prompt_ids, prompt_mask, response_ids, response_mask (equal-length "
+                         f"rows of integers) and a temperature: {e}") from None
+    if p.ndim != 2 or r.ndim != 2 or p.shape != pm.shape or r.shape != rm.shape or p.shape[0] != r.shape[0] or not len(p):
+        raise ValueError(f"shapes do not fit: prompt_ids {tuple(p.shape)}, prompt_mask {tuple(pm.shape)}, response_ids "
+                         f"{tuple(r.shape)}, response_mask {tuple(rm.shape)}; send B rows of each, B >= 1")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    return Rollout(p, pm, r, rm, torch.zeros(r.shape, dtype=torch.float32), []), temperature
+
+
+# ---- the client --------------------------------------------------------------------------------
+
+
+class RemoteTeacher:
+    """A teacher served by ``effopd serve-teacher`` at ``url``.
+
+    Every request retries connection failures and timeouts ``retries`` times, waiting
+    ``backoff`` s, then twice that, ...; after the last it raises :class:`TeacherUnavailable`."""
+
+    def __init__(self, url: str, *, timeout: float = 600.0, retries: int = 5, backoff: float = 1.0):
+        try:
+            import httpx
+        except ImportError:
+            raise UserError(f"model.teacher={url} is a served teacher, which needs the HTTP client: "
+                            "pip install 'effopd[serve]'") from None
+        self.url, self.retries, self.backoff = url.rstrip("/"), retries, backoff
+        self._http = httpx
+        self._client = httpx.Client(timeout=timeout)
+        self.info: dict = {}
+
+    def _call(self, method: str, path: str, **kw) -> dict:
+        httpx, wait = self._http, self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._client.request(method, self.url + path, **kw)
+            except httpx.TransportError as err:  # refused, reset, timed out
+                if attempt == self.retries:
+                    raise TeacherUnavailable(
+                        f"the teacher server {self.url} did not answer {path} after {self.retries + 1} tries "
+                        f"({type(err).__name__}: {err}); start it (effopd serve-teacher --model TEACHER --port PORT) "
+                        "or fix model.teacher") from err
+                time.sleep(wait)
+                wait *= 2
+                continue
+            if resp.status_code != 200:
+                try:
+                    message = resp.json().get("error", resp.text)
+                except ValueError:
+                    message = resp.text
+                raise TeacherServerError(f"the teacher server {self.url} answered {path} with HTTP {resp.status_code}: "
+                                         f"{message[:500]}")
+            return resp.json()
+        raise AssertionError("unreachable")
+
+    def health(self) -> dict:
+        self.info = self._call("GET", "/health")
+        return self.info
+
+    def check_vocab(self, tokenizer, student_name: str) -> None:
+        """Refuse a server whose tokenizer maps tokens to other ids than the student's."""
+        info = self.health()
+        mine = vocab_hash(tokenizer)
+        if info.get("vocab_hash") != mine:
+            raise TeacherServerError(
+                f"the teacher served at {self.url} ({info.get('model')}, vocabulary hash {info.get('vocab_hash')}, "
+                f"{info.get('vocab_size')} tokens) does not share the student's vocabulary ({student_name}: hash {mine}, "
+                f"{len(tokenizer.get_vocab())} tokens). On-policy distillation needs one shared vocabulary: serve a "
+                "teacher from the student's model family")
+
+    def logprobs(self, rollout, temperature: float) -> torch.Tensor:
+        out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature))
+        lp = decode_floats(out["logprobs"], tuple(rollout.response_ids_BT.shape))
+        return lp.to(rollout.response_ids_BT.device)
+
+    def close(self) -> None:
+        self._client.close()
