@@ -288,3 +288,20 @@ def test_the_example_script_runs_and_points_to_the_analysis(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "greedy accuracy on 16 test problems" in proc.stdout and "EffOPD after step 1" in proc.stdout
     assert (out / "checkpoint-2" / STATE_FILE).exists() and f"--checkpoints {out}" in proc.stdout
+
+
+def test_the_callback_defaults_are_effopd_trains_defaults():
+    """One set of defaults: the callback's keyword arguments default to what the controller and
+    ``effopd train``'s ``extrapolate.*`` keys default to."""
+    import dataclasses
+    import inspect
+
+    from effopd.config import ExtrapolateConfig
+    from effopd.extrapolate import Extrapolator
+
+    mine = {k: p.default for k, p in inspect.signature(EffOPDCallback).parameters.items()}
+    controller = {k: p.default for k, p in inspect.signature(Extrapolator).parameters.items() if k in mine}
+    assert controller and all(mine[k] == v for k, v in controller.items()), controller
+    config = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(ExtrapolateConfig) if f.name in mine}
+    assert len(config) >= 12 and all(mine[k] == v or list(mine[k]) == v for k, v in config.items()), config
