@@ -62,6 +62,18 @@ class Server:
         self.stop()
 
 
+def test_top_k_gkd_against_the_served_teacher_equals_the_local_teacher(tiny_models, tmp_path):
+    """The server sends GKD's top-k side (ids, k + 1 log-masses, sampled-token logprobs) computed
+    as the trainer computes it from local logits: the same weights, bitwise."""
+    extra = {"loss.method": "gkd", "loss.gkd_top_k": 4, "train.steps": 2}
+    local = tmp_path / "local"
+    train_run(tiny_overrides(tiny_models, **extra), local)
+    with Server(tiny_models["teacher"]) as server:
+        served = tmp_path / "served"
+        train_run(tiny_overrides(tiny_models, **extra, **{"model.teacher": server.url}), served)
+    assert_same_weights(checkpoint_weights(local, 2), checkpoint_weights(served, 2))
+
+
 def test_training_against_the_served_teacher_equals_the_local_teacher(tiny_models, tmp_path):
     local = tmp_path / "local"
     train_run(tiny_overrides(tiny_models, **{"train.steps": 3}), local)
@@ -123,8 +135,10 @@ def test_a_server_with_another_vocabulary_is_refused_naming_both_hashes(tiny_mod
 def test_a_served_teacher_cannot_stand_in_for_one_whose_distribution_is_needed(tiny_models, tmp_path):
     from effopd.config import ConfigError
 
-    with pytest.raises(ConfigError, match="loss.method=gkd needs a local teacher"):
+    with pytest.raises(ConfigError, match="loss.method=gkd needs a local teacher for its full distribution.*gkd_top_k"):
         train_run(tiny_overrides(tiny_models, **{"loss.method": "gkd", "model.teacher": "http://127.0.0.1:9"}), tmp_path / "r")
+    with pytest.raises(ConfigError, match="loss.method=sft needs a local teacher for its own samples"):
+        train_run(tiny_overrides(tiny_models, **{"loss.method": "sft", "model.teacher": "http://127.0.0.1:9"}), tmp_path / "s")
 
 
 def test_no_server_is_an_error_naming_the_url(tiny_models, tmp_path):
@@ -139,16 +153,16 @@ def test_concurrent_requests_are_scored_in_one_batch_with_the_numbers_of_scoring
     b = generate(model, tok, ["7-3="], max_new_tokens=9)
     calls = []
 
-    def score_fn(rollout, temperature):
+    def score_fn(rollout, temperature, kind):
         calls.append(tuple(rollout.response_ids_BT.shape))
-        return score(model, rollout, temperature)
+        return (score(model, rollout, temperature),)
 
     async def both():
         batcher = Batcher(score_fn, max_batch_tokens=10_000, pad_id=tok.pad_token_id)
         worker = asyncio.create_task(batcher.run())
         out = await asyncio.gather(batcher.submit(a, 1.0), batcher.submit(b, 1.0))
         worker.cancel()
-        return out, batcher.batches
+        return [x for (x,) in out], batcher.batches
 
     (lp_a, lp_b), batches = asyncio.run(both())
     assert batches == 1 and len(calls) == 1 and calls[0][0] == 3  # one forward pass over both requests' rows

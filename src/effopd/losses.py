@@ -416,45 +416,63 @@ def _top_k_with_rest(logits_BCV: Tensor, idx_BCK: Tensor, valid_BC: Tensor) -> T
 GKD_CHUNK_ELEMENTS = 1 << 26
 
 
-def _top_k_distributions(
-    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, valid_BT: Tensor, k: int, chunk_positions: int | None,
-) -> tuple[Tensor, Tensor]:
-    """The teacher's (P) and student's (Q) log-probabilities of the k + 1 outcomes of top-k GKD,
-    (B, T, k + 1) each: the teacher's k most likely tokens (``topk`` of its raw logits) and the
-    rest. Computed ``chunk_positions`` positions at a time (None: about ``GKD_CHUNK_ELEMENTS``
-    logits per chunk), so no (B, T, V) temporary beyond the given logits is built; with grad,
-    each student chunk is checkpointed and its backward recomputes the chunk's temporaries."""
-    B, T, V = student_logits_BTV.shape
+def _positions_per_chunk(shape_BTV, chunk_positions: int | None) -> int:
+    B, _, V = shape_BTV
     if chunk_positions is None:
-        chunk_positions = max(1, GKD_CHUNK_ELEMENTS // max(1, B * V))
-    elif isinstance(chunk_positions, bool) or not isinstance(chunk_positions, numbers.Integral) or chunk_positions < 1:
+        return max(1, GKD_CHUNK_ELEMENTS // max(1, B * V))
+    if isinstance(chunk_positions, bool) or not isinstance(chunk_positions, numbers.Integral) or chunk_positions < 1:
         raise ValueError(f"chunk_positions must be a positive integer (positions per chunk) or None for about "
                          f"{GKD_CHUNK_ELEMENTS} logits per chunk, got {chunk_positions!r}.")
+    return int(chunk_positions)
+
+
+@torch.no_grad()
+def teacher_top_k(teacher_logits_BTV: Tensor, valid_BT: Tensor, k: int, chunk_positions: int | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """The teacher's side of top-k GKD: its k most likely tokens at each position (``topk`` of
+    its raw logits, ``(B, T, k)``) and the log-probabilities of those k tokens and of the rest
+    (``(B, T, k + 1)``), ``chunk_positions`` positions at a time (None: about
+    ``GKD_CHUNK_ELEMENTS`` logits per chunk). What a teacher server sends instead of its logits."""
+    B, T, V = teacher_logits_BTV.shape
     if T == 0:
-        empty = student_logits_BTV.new_zeros((B, 0, k + 1), dtype=torch.float32)
-        return empty, empty
+        return (torch.zeros((B, 0, k), dtype=torch.long, device=teacher_logits_BTV.device),
+                teacher_logits_BTV.new_zeros((B, 0, k + 1), dtype=torch.float32))
+    step = _positions_per_chunk(teacher_logits_BTV.shape, chunk_positions)
+    idx_parts, lp_parts = [], []
+    for t_BCV, valid_BC in zip(teacher_logits_BTV.detach().split(step, dim=1), valid_BT.split(step, dim=1)):
+        t_BCV = torch.where(valid_BC[..., None], t_BCV.float(), 0.0)
+        idx_BCK = t_BCV.topk(k, dim=-1).indices
+        idx_parts.append(idx_BCK)
+        lp_parts.append(_top_k_with_rest(t_BCV, idx_BCK, valid_BC))
+        del t_BCV
+    return torch.cat(idx_parts, 1), torch.cat(lp_parts, 1)
+
+
+def _student_top_k(student_logits_BTV: Tensor, idx_BTK: Tensor, valid_BT: Tensor, chunk_positions: int | None) -> Tensor:
+    """The student's log-probabilities of the teacher's k + 1 outcomes, ``(B, T, k + 1)``, chunk
+    by chunk; with grad, each chunk is checkpointed and its backward recomputes the chunk's
+    temporaries. split() rather than slices: its backward assembles the student's (B, T, V)
+    gradient once, where every slice's backward would allocate a zero (B, T, V) tensor of its own."""
+    B, T, V = student_logits_BTV.shape
+    if T == 0:
+        return student_logits_BTV.new_zeros((B, 0, idx_BTK.shape[-1] + 1), dtype=torch.float32)
+    step = _positions_per_chunk(student_logits_BTV.shape, chunk_positions)
     checkpointed = torch.is_grad_enabled() and student_logits_BTV.requires_grad
-    lp_parts, lq_parts = [], []
-    # split() rather than slices: its backward assembles the student's (B, T, V) gradient once,
-    # where every slice's backward would allocate a zero (B, T, V) tensor of its own.
-    chunks = (x.split(chunk_positions, dim=1) for x in (student_logits_BTV, teacher_logits_BTV.detach(), valid_BT))
-    for s_BCV, t_BCV, valid_BC in zip(*chunks):
-        with torch.no_grad():
-            t_BCV = torch.where(valid_BC[..., None], t_BCV.float(), 0.0)
-            idx_BCK = t_BCV.topk(k, dim=-1).indices
-            lp_parts.append(_top_k_with_rest(t_BCV, idx_BCK, valid_BC))
-            del t_BCV
+    parts = []
+    for s_BCV, idx_BCK, valid_BC in zip(student_logits_BTV.split(step, dim=1), idx_BTK.split(step, dim=1),
+                                        valid_BT.split(step, dim=1)):
         if checkpointed:
-            lq_parts.append(checkpoint(_top_k_with_rest, s_BCV, idx_BCK, valid_BC, use_reentrant=False))
+            parts.append(checkpoint(_top_k_with_rest, s_BCV, idx_BCK, valid_BC, use_reentrant=False))
         else:
-            lq_parts.append(_top_k_with_rest(s_BCV, idx_BCK, valid_BC))
-    return torch.cat(lp_parts, 1), torch.cat(lq_parts, 1)
+            parts.append(_top_k_with_rest(s_BCV, idx_BCK, valid_BC))
+    return torch.cat(parts, 1)
 
 
 def generalized_jsd(
-    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor, mask_BT: Tensor, *, beta: float = 0.5,
+    student_logits_BTV: Tensor, teacher_logits_BTV: Tensor | None, mask_BT: Tensor, *, beta: float = 0.5,
     top_k: int | None = None, agg: str = "token-mean", norm_len: float | None = None,
     denominator: float | Tensor | None = None, chunk_positions: int | None = None,
+    teacher_side: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 2) per token,
     between the teacher P and the student Q_theta at every response position:
@@ -477,6 +495,10 @@ def generalized_jsd(
     about ``GKD_CHUNK_ELEMENTS`` logits per chunk), each student chunk checkpointed under grad;
     only (B, T, k + 1) tensors outlive a chunk.
 
+    ``teacher_side``: the teacher's side of top-k mode already computed (:func:`teacher_top_k`:
+    ids ``(B, T, k)`` and log-probabilities ``(B, T, k + 1)``, e.g. from a teacher server), in
+    place of ``teacher_logits_BTV`` (then None) and ``top_k``.
+
     ``agg``, ``norm_len`` and ``denominator`` are passed to ``aggregate``. Gradient flows into
     the student logits only. Metrics: ``jsd`` (the per-token mean over this batch's unmasked
     tokens, whatever ``agg``), ``teacher_mass`` (mean teacher probability of its top k tokens,
@@ -484,10 +506,19 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1] but is {beta!r}; 0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD.")
-    if student_logits_BTV.shape != teacher_logits_BTV.shape or student_logits_BTV.dim() != 3:
+    if teacher_side is not None:
+        if teacher_logits_BTV is not None:
+            raise ValueError("pass the teacher's logits or its top-k side (teacher_side), not both")
+        idx_BTK, lp = teacher_side
+        if student_logits_BTV.dim() != 3 or idx_BTK.shape[:2] != student_logits_BTV.shape[:2] \
+                or lp.shape != (*idx_BTK.shape[:2], idx_BTK.shape[2] + 1):
+            raise ValueError(f"teacher_side must be ids (B, T, k) and log-probabilities (B, T, k + 1) for student logits "
+                             f"(B, T, V); got {tuple(idx_BTK.shape)}, {tuple(lp.shape)} and {tuple(student_logits_BTV.shape)}")
+        top_k = idx_BTK.shape[-1]
+    elif teacher_logits_BTV is None or student_logits_BTV.shape != teacher_logits_BTV.shape or student_logits_BTV.dim() != 3:
         raise ValueError(
             f"student and teacher logits must both be (B, T, V) with one vocabulary, got "
-            f"{tuple(student_logits_BTV.shape)} and {tuple(teacher_logits_BTV.shape)}."
+            f"{tuple(student_logits_BTV.shape)} and {None if teacher_logits_BTV is None else tuple(teacher_logits_BTV.shape)}."
         )
     _check_same_shape("mask_BT", mask_BT, logits_BT=student_logits_BTV[..., 0])
     # Masked rows are zeroed first: a nan/inf there would otherwise give a nan gradient through where().
@@ -504,8 +535,11 @@ def generalized_jsd(
                 f"top_k must be an integer in [1, {V}] (the vocabulary size) or None for the "
                 f"full vocabulary, got {top_k!r}."
             )
-        lp, lq = _top_k_distributions(student_logits_BTV, teacher_logits_BTV, valid_BT.to(student_logits_BTV.device),
-                                      int(top_k), chunk_positions)
+        valid_BT = valid_BT.to(student_logits_BTV.device)
+        if teacher_side is None:
+            idx_BTK, lp = teacher_top_k(teacher_logits_BTV, valid_BT, int(top_k), chunk_positions)
+        idx_BTK, lp = idx_BTK.to(student_logits_BTV.device), lp.to(student_logits_BTV.device)
+        lq = _student_top_k(student_logits_BTV, idx_BTK, valid_BT, chunk_positions)
         with torch.no_grad():
             teacher_mass = masked_mean(lp[..., :-1].exp().sum(-1), mask_BT).item()
 

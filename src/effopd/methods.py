@@ -112,8 +112,9 @@ class Method:
     prepare: Callable[..., None] | None = None
     """``prepare(cfg, models, batch)``: per-batch tensors without gradient, into ``batch.signals``."""
     needs_teacher: bool = False
-    local_teacher: bool = False
-    """The teacher must be a local model (its full distribution, or its own samples), not a served one."""
+    local_teacher: Callable[..., str | None] = lambda cfg: None
+    """``local_teacher(cfg)``: why the teacher must be a local model under ``cfg`` (what a served
+    teacher cannot give), or None when a served one will do."""
     needs_base: bool = False
     group: bool = False
     """n responses per prompt form a group that the loss compares (needs rollout.n >= 2)."""
@@ -312,16 +313,24 @@ def gkd_loss(cfg, models: Models, part: Batch, denominator):
     Memory: both models' full (B, T, V) float32 logits are built (``response_logits``), the one
     place in training that does. With ``loss.gkd_top_k`` nothing else of that size is: the
     divergence takes the teacher's top-k from its raw logits chunk by chunk, and the reverse-KL
-    metric is the chosen logit minus a chunked logsumexp (no full softmax of either model)."""
+    metric is the chosen logit minus a chunked logsumexp (no full softmax of either model).
+    A served teacher (which needs ``loss.gkd_top_k``) sends that top-k side and the sampled
+    tokens' logprobs instead: no teacher logits are built in the trainer at all."""
     ro, t = part.rollout, cfg.rollout.temperature
     logits_BTV = response_logits(models.student, ro, t)
     mask_BT = ro.response_mask_BT.to(logits_BTV.device)
+    common = dict(beta=cfg.loss.gkd_beta, agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
+    if isinstance(models.teacher, torch.nn.Module):
+        with torch.no_grad():
+            teacher_logits_BTV = response_logits(models.teacher, ro, t)
+        out, m = generalized_jsd(logits_BTV, teacher_logits_BTV, mask_BT, top_k=cfg.loss.gkd_top_k, **common)
+        with torch.no_grad():
+            teacher_lp_BT = gather_logprobs(teacher_logits_BTV, ro)
+    else:  # a served teacher sends its top-k side (the same numbers teacher_top_k computes here)
+        ids_BTK, lp_BTK1, teacher_lp_BT = models.teacher.topk(ro, cfg.loss.gkd_top_k, t)
+        out, m = generalized_jsd(logits_BTV, None, mask_BT, teacher_side=(ids_BTK, lp_BTK1), **common)
     with torch.no_grad():
-        teacher_logits_BTV = response_logits(models.teacher, ro, t)
-    out, m = generalized_jsd(logits_BTV, teacher_logits_BTV, mask_BT, beta=cfg.loss.gkd_beta, top_k=cfg.loss.gkd_top_k,
-                             agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
-    with torch.no_grad():
-        m["reverse_kl"] = masked_mean(gather_logprobs(logits_BTV, ro) - gather_logprobs(teacher_logits_BTV, ro), mask_BT).item()
+        m["reverse_kl"] = masked_mean(gather_logprobs(logits_BTV, ro) - teacher_lp_BT.to(logits_BTV.device), mask_BT).item()
     return out, m
 
 
@@ -347,12 +356,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("opd", student_samples, policy_gradient(_opd), prepare=teacher_logprobs, needs_teacher=True, ratio=True),
     Method("gopd", student_samples, policy_gradient(_gopd), prepare=teacher_and_base_logprobs, needs_teacher=True,
            needs_base=True, ratio=True),
-    Method("gkd", student_samples, gkd_loss, needs_teacher=True, local_teacher=True),
+    Method("gkd", student_samples, gkd_loss, needs_teacher=True,
+           local_teacher=lambda cfg: None if cfg.loss.gkd_top_k else "its full distribution (with loss.gkd_top_k=K a "
+           "served teacher sends its top K instead)"),
     Method("grpo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
            defaults={"aggregation": "seq-mean-token-mean"}),
     Method("dapo", rewarded_groups, policy_gradient(_sequence), prepare=sequence_advantages, group=True, ratio=True,
            defaults={"clip_eps_high": 0.28, "dynamic_sampling": True, "overlong_penalty": 1.0}),
-    Method("sft", teacher_samples, nll_loss, needs_teacher=True, local_teacher=True),
+    Method("sft", teacher_samples, nll_loss, needs_teacher=True, local_teacher=lambda cfg: "its own samples"),
     Method("sft-gt", worked_solutions, nll_loss, needs_solutions=True),
 )}
 

@@ -7,9 +7,11 @@ Endpoints (JSON):
 - ``POST /logprobs``: a padded batch of token ids (``prompt_ids``/``prompt_mask`` left-padded,
   ``response_ids``/``response_mask`` right-padded, ``temperature``) → ``{"logprobs": base64 of
   the (B, T) float32 logprobs of the response tokens, little-endian}``.
+- ``POST /topk``: the same and ``k`` → top-k GKD's teacher side: ``ids`` (B, T, k) int32, ``logprobs``
+  (B, T, k + 1) float32 (the k tokens and the rest), ``token_logprobs`` (B, T) float32, base64.
 
 Concurrent requests are queued and scored in batches of up to ``max_batch_tokens`` tokens (rows ×
-padded length; same temperature): several requests are merged into one padded batch, a request
+padded length; same endpoint, temperature and k): several requests are merged into one padded batch, a request
 larger than the budget is scored in row chunks. A request scored alone is the batch it sent, so its
 numbers are bitwise those of the same model scoring it in the trainer. The model runs in a
 worker thread; ``/health`` answers while it scores.
@@ -25,13 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effopd.teachers import encode_floats, request_rollout, vocab_hash
+from effopd.teachers import encode_floats, encode_ids, request_rollout, vocab_hash
 
 
 @dataclass
 class _Job:
     rollout: object
     temperature: float
+    kind: tuple
     future: asyncio.Future
     tokens: int = field(init=False)
 
@@ -41,7 +44,9 @@ class _Job:
 
 
 class Batcher:
-    """Merges queued scoring jobs into batches of at most ``max_batch_tokens`` tokens."""
+    """Merges queued scoring jobs of one kind into batches of at most ``max_batch_tokens``
+    tokens. ``score_fn(rollout, temperature, kind)`` returns a tuple of tensors whose first two
+    dimensions are the rollout's rows and response positions."""
 
     def __init__(self, score_fn, max_batch_tokens: int, pad_id: int):
         self.score_fn, self.max_batch_tokens, self.pad_id = score_fn, max_batch_tokens, pad_id
@@ -49,34 +54,35 @@ class Batcher:
         self.wake = asyncio.Event()
         self.batches = 0
 
-    async def submit(self, rollout, temperature: float) -> torch.Tensor:
-        job = _Job(rollout, temperature, asyncio.get_running_loop().create_future())
+    async def submit(self, rollout, temperature: float, kind: tuple = ("logprobs",)) -> tuple[torch.Tensor, ...]:
+        job = _Job(rollout, temperature, kind, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self.wake.set()
         return await job.future
 
     def _take(self) -> list[_Job]:
         group = [self.pending.popleft()]
-        tokens = group[0].tokens
-        while self.pending and self.pending[0].temperature == group[0].temperature \
+        tokens, first = group[0].tokens, group[0]
+        while self.pending and (self.pending[0].temperature, self.pending[0].kind) == (first.temperature, first.kind) \
                 and tokens + self.pending[0].tokens <= self.max_batch_tokens:
             job = self.pending.popleft()
             group.append(job)
             tokens += job.tokens
         return group
 
-    def _score(self, group: list[_Job]) -> list[torch.Tensor]:
+    def _score(self, group: list[_Job]) -> list[tuple[torch.Tensor, ...]]:
         from effopd.rollout import concat_rollouts
 
-        ro = group[0].rollout if len(group) == 1 else concat_rollouts([j.rollout for j in group], self.pad_id)
+        first = group[0]
+        ro = first.rollout if len(group) == 1 else concat_rollouts([j.rollout for j in group], self.pad_id)
         B, L = ro.response_ids_BT.shape[0], ro.prompt_ids_BP.shape[1] + ro.response_ids_BT.shape[1]
         rows = max(1, self.max_batch_tokens // max(L, 1))
-        parts = [self.score_fn(ro.select(slice(i, i + rows)), group[0].temperature) for i in range(0, B, rows)]
-        lp = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
+        parts = [self.score_fn(ro.select(slice(i, i + rows)), first.temperature, first.kind) for i in range(0, B, rows)]
+        whole = [(p[0] if len(parts) == 1 else torch.cat(p)).cpu() for p in zip(*parts)]
         out, start = [], 0
         for j in group:
             b, t = j.rollout.response_ids_BT.shape
-            out.append(lp[start : start + b, :t])
+            out.append(tuple(x[start : start + b, :t] for x in whole))
             start += b
         return out
 
@@ -96,9 +102,9 @@ class Batcher:
                             j.future.set_exception(err)
                     continue
                 self.batches += 1
-                for j, lp in zip(group, results):
+                for j, result in zip(group, results):
                     if not j.future.done():
-                        j.future.set_result(lp)
+                        j.future.set_result(result)
 
 
 def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chunk_positions: int | None = None):
@@ -110,10 +116,12 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from effopd.teachers import teacher_logprobs
+    from effopd.teachers import local_top_k, teacher_logprobs
 
-    def score_fn(rollout, temperature):
-        return teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions)
+    def score_fn(rollout, temperature, kind):
+        if kind[0] == "topk":
+            return local_top_k(model, rollout, kind[1], temperature)
+        return (teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions),)
 
     batcher = Batcher(score_fn, max_batch_tokens, tokenizer.pad_token_id)
     info = {"status": "ok", "model": name, "vocab_hash": vocab_hash(tokenizer), "vocab_size": len(tokenizer.get_vocab()),
@@ -123,16 +131,34 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({**info, "batches": batcher.batches, "queued": len(batcher.pending)})
 
-    async def logprobs(request: Request) -> JSONResponse:
+    async def scored(request: Request, kind) -> tuple | JSONResponse:
         try:
-            rollout, temperature = request_rollout(await request.json())
+            body = await request.json()
+            rollout, temperature = request_rollout(body)
+            if kind == "topk":
+                k = body.get("k")
+                if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= info["vocab_size"]:
+                    raise ValueError(f"k={k!r} must be an integer in [1, {info['vocab_size']}]")
+                kind = ("topk", k)
+            else:
+                kind = ("logprobs",)
         except ValueError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         try:
-            lp = await batcher.submit(rollout, temperature)
+            return await batcher.submit(rollout, temperature, kind)
         except Exception as err:  # noqa: BLE001 - the client gets the reason
             return JSONResponse({"error": f"{type(err).__name__}: {err}"}, status_code=500)
-        return JSONResponse({"logprobs": encode_floats(lp)})
+
+    async def logprobs(request: Request) -> JSONResponse:
+        out = await scored(request, "logprobs")
+        return out if isinstance(out, JSONResponse) else JSONResponse({"logprobs": encode_floats(out[0])})
+
+    async def topk(request: Request) -> JSONResponse:
+        out = await scored(request, "topk")
+        if isinstance(out, JSONResponse):
+            return out
+        ids, lp, tok = out
+        return JSONResponse({"ids": encode_ids(ids), "logprobs": encode_floats(lp), "token_logprobs": encode_floats(tok)})
 
     @asynccontextmanager
     async def lifespan(app):
@@ -140,7 +166,8 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
         yield
         task.cancel()
 
-    return Starlette(routes=[Route("/health", health), Route("/logprobs", logprobs, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=[Route("/health", health), Route("/logprobs", logprobs, methods=["POST"]),
+                             Route("/topk", topk, methods=["POST"])], lifespan=lifespan)
 
 
 def serve(model_name: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", dtype: str = "float32",

@@ -13,8 +13,9 @@ The client checks at start-up that the server's tokenizer has the student's voca
 of the token → id map, both hashes named when they differ), retries connection failures and
 timeouts with exponential backoff, and then raises :class:`TeacherUnavailable` naming the URL.
 
-Methods that need more than sampled-token logprobs (GKD's full distribution, SFT's
-teacher-written responses) need a local teacher.
+Top-k GKD asks for :meth:`Teacher.topk` instead (the teacher's k most likely tokens and their
+log-masses at each position, :func:`local_top_k` for a local model). GKD over the full vocabulary
+and SFT on teacher-written responses need a local teacher.
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ class Teacher(Protocol):
     def logprobs(self, rollout, temperature: float) -> torch.Tensor:
         """``(B, T)`` float32 logprobs of ``rollout.response_ids_BT`` under softmax(logits /
         temperature), 0 on padding."""
+
+    def topk(self, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k GKD's teacher side at every response position: the k most likely token ids
+        ``(B, T, k)``, the log-probabilities of those and of all other tokens together
+        ``(B, T, k + 1)`` (:func:`effopd.losses.teacher_top_k`), and the sampled tokens'
+        logprobs ``(B, T)``."""
+
+
+def local_top_k(model, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`Teacher.topk` of a local model (what a teacher server computes)."""
+    from effopd.losses import teacher_top_k
+    from effopd.scoring import gather_logprobs, response_logits
+
+    with torch.no_grad():
+        logits_BTV = response_logits(model, rollout, temperature)
+        valid_BT = rollout.response_mask_BT.to(logits_BTV.device).bool()
+        ids_BTK, lp_BTK1 = teacher_top_k(logits_BTV, valid_BT, k)
+        return ids_BTK, lp_BTK1, gather_logprobs(logits_BTV, rollout)
 
 
 def is_url(spec: str | None) -> bool:
@@ -115,6 +134,16 @@ def decode_floats(text: str, shape: tuple[int, ...]) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()).view(*shape)
+
+
+def encode_ids(t: torch.Tensor) -> str:
+    return base64.b64encode(t.detach().to("cpu", torch.int32).contiguous().numpy().tobytes()).decode()
+
+
+def decode_ids(text: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.int32).astype(np.int64)).view(*shape)
 
 
 def rollout_request(rollout, temperature: float) -> dict:
@@ -208,6 +237,13 @@ class RemoteTeacher:
         out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature))
         lp = decode_floats(out["logprobs"], tuple(rollout.response_ids_BT.shape))
         return lp.to(rollout.response_ids_BT.device)
+
+    def topk(self, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self._call("POST", "/topk", json={**rollout_request(rollout, temperature), "k": int(k)})
+        B, T = rollout.response_ids_BT.shape
+        device = rollout.response_ids_BT.device
+        return (decode_ids(out["ids"], (B, T, k)).to(device), decode_floats(out["logprobs"], (B, T, k + 1)).to(device),
+                decode_floats(out["token_logprobs"], (B, T)).to(device))
 
     def close(self) -> None:
         self._client.close()

@@ -191,10 +191,10 @@ def load_teacher(cfg: Config, name: str, tok, device):
     local frozen model (its tokenizer checked)."""
     m = cfg.model
     if is_url(name):
-        if METHODS[cfg.loss.method].local_teacher:
-            raise ConfigError(f"loss.method={cfg.loss.method} needs a local teacher (its full distribution or its own "
-                              f"samples), but model.teacher={name} is a served one, which gives sampled-token "
-                              "logprobs only; point model.teacher at the model itself")
+        why = METHODS[cfg.loss.method].local_teacher(cfg)
+        if why:
+            raise ConfigError(f"loss.method={cfg.loss.method} needs a local teacher for {why}, but model.teacher={name} "
+                              "is a served one; point model.teacher at the model itself")
         teacher = RemoteTeacher(name, timeout=m.teacher_timeout, retries=m.teacher_retries)
         teacher.check_vocab(tok, m.student)
         return teacher
