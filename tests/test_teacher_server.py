@@ -243,3 +243,46 @@ def test_a_prompt_naming_an_unknown_teacher_is_refused_before_training(tiny_mode
     with pytest.raises(DatasetError, match=r"data.train: prompts name the teachers \['b'\].*has \['a'\]"):
         train_run(tiny_overrides(tiny_models, **{"model.teachers.a": tiny_models["teacher"], "data.train": data,
                                                  "data.teacher_field": "domain"}), tmp_path / "run")
+
+
+def test_the_base_is_scored_while_a_served_teacher_answers(tiny_models):
+    """G-OPD: the served teacher's request is out while the local base model scores, so a
+    teacher that answers only after the base has run does not hold the step up."""
+    import threading
+
+    from effopd.config import load_config
+    from effopd.methods import student_samples, teacher_and_base_logprobs
+    from effopd.train import load_models
+
+    cfg = load_config([], tiny_overrides(tiny_models, **{"loss.method": "gopd"}))
+    models = load_models(cfg, torch.device("cpu"))
+    local_teacher, base_ran, asked, overlapped = models.teacher, threading.Event(), threading.Event(), []
+
+    def on_base(*_):
+        overlapped.append(asked.wait(timeout=5))  # is the teacher request out (in its thread)?
+        base_ran.set()
+
+    models.base.model.layers[0].register_forward_hook(on_base)
+
+    class SlowServed:  # answers once the base has run, or fails after 10 s
+        def logprobs(self, rollout, temperature):
+            asked.set()
+            if not base_ran.wait(timeout=10):
+                raise TimeoutError("the base model never ran while the teacher request was out")
+            return score(local_teacher, rollout, temperature)
+
+        def topk(self, rollout, k, temperature):
+            raise NotImplementedError
+
+    models.teacher = SlowServed()
+    batch = student_samples(cfg, models, models.student, lambda k: generate_examples(k), 4)
+    teacher_and_base_logprobs(cfg, models, batch)
+    assert overlapped and all(overlapped)
+    assert torch.equal(batch.signals["teacher_logp_BT"], score(local_teacher, batch.rollout, 1.0))
+    assert torch.equal(batch.signals["base_logp_BT"], score(models.base, batch.rollout, 1.0))
+
+
+def generate_examples(k: int):
+    from effopd.data.task import TaskSpec, generate_split
+
+    return generate_split(k, TaskSpec(1, 2, 2), seed=9)

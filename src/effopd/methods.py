@@ -33,7 +33,7 @@ from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
 from effopd.scoring import gather_logprobs, response_logits, token_logprobs
 from effopd.scoring import score as score_logprobs
 from effopd.teachers import Routed, Teacher
-from effopd.teachers import teacher_logprobs as teacher_logprobs_of
+from effopd.teachers import start_logprobs as start_teacher_logprobs
 
 
 @dataclass
@@ -238,12 +238,16 @@ def rewarded_groups(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
 # ---- per-batch signals (no gradient) -----------------------------------------------------------
 
 
-def teacher_logprobs(cfg, models: Models, batch: Batch) -> None:
+def teacher_logprobs(cfg, models: Models, batch: Batch, while_waiting: Callable[[], None] | None = None) -> None:
     """The teacher's logprob of each sampled token at rollout.temperature (see the module docstring);
-    with several teachers, each row's own teacher's, and each teacher's reverse KL on its rows."""
+    with several teachers, each row's own teacher's, and each teacher's reverse KL on its rows.
+    ``while_waiting`` runs while a served teacher's request is out (local work that overlaps it)."""
     route = batch.signals.get("teacher_route_B")
-    lp_BT = teacher_logprobs_of(models.teacher, batch.rollout, cfg.rollout.temperature, route=route,
-                                chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
+    pending = start_teacher_logprobs(models.teacher, batch.rollout, cfg.rollout.temperature, route=route,
+                                     chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
+    if while_waiting is not None:
+        while_waiting()
+    lp_BT = pending()
     batch.signals["teacher_logp_BT"] = lp_BT
     if route is not None:  # token-weighted over processes: a sum and a count per teacher
         ro = batch.rollout
@@ -256,9 +260,14 @@ def teacher_logprobs(cfg, models: Models, batch: Batch) -> None:
 
 
 def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
-    teacher_logprobs(cfg, models, batch)
-    batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, temperature=cfg.rollout.temperature,
-                                                   chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
+    """G-OPD's teacher and base logprobs; the base (local) is scored while a served teacher answers."""
+
+    def base() -> None:
+        batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, temperature=cfg.rollout.temperature,
+                                                       chunk_size=cfg.train.score_chunk_size,
+                                                       chunk_positions=cfg.train.logit_chunk)
+
+    teacher_logprobs(cfg, models, batch, while_waiting=base)
 
 
 def sequence_advantages(cfg, models: Models, batch: Batch) -> None:

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -97,30 +98,61 @@ class Routed:
         return torch.tensor([self.names.index(n) for n in names], dtype=torch.long)
 
 
+def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
+                   chunk_positions: int | None = None, route: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+    """:func:`teacher_logprobs`, started: a served teacher's request is sent from a worker thread
+    at once, and the returned function waits for it; a local model is scored when the function
+    is called, on the caller's thread. Work done between the two (the base model's logprobs in
+    G-OPD, other teachers' rows) overlaps the request. With :class:`Routed` teachers every
+    served teacher's rows go out at once."""
+    if isinstance(teacher, Routed):
+        if route is None or len(route) != rollout.response_ids_BT.shape[0]:
+            raise ValueError("several teachers need the route: one teacher index per row")
+        parts = []
+        for k, name in enumerate(teacher.names):
+            rows = (route == k).nonzero().flatten()
+            if len(rows):
+                parts.append((rows, start_logprobs(teacher.teachers[name], rollout.select(rows), temperature,
+                                                   chunk_size=chunk_size, chunk_positions=chunk_positions)))
+
+        def routed() -> torch.Tensor:
+            out = None
+            for rows, result in parts:
+                lp = result()
+                out = torch.zeros(rollout.response_ids_BT.shape, dtype=lp.dtype, device=lp.device) if out is None else out
+                out[rows.to(out.device)] = lp.to(out.device)
+            return out
+
+        return routed
+    if isinstance(teacher, Teacher) and not isinstance(teacher, torch.nn.Module):
+        return _pool().submit(teacher.logprobs, rollout, temperature).result
+    from effopd.scoring import CHUNK_POSITIONS, score
+
+    return lambda: score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
+                         chunk_positions=chunk_positions or CHUNK_POSITIONS)
+
+
 def teacher_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
                      chunk_positions: int | None = None, route: torch.Tensor | None = None) -> torch.Tensor:
     """The teacher's logprob of each response token: a local model's through
     :func:`effopd.scoring.score` (``chunk_size`` rows per pass, ``chunk_positions`` per LM-head
     chunk), a served one's through its client; with :class:`Routed` teachers, each row's own
     teacher's (``route``), each teacher scoring its rows as one batch."""
-    if isinstance(teacher, Routed):
-        if route is None or len(route) != rollout.response_ids_BT.shape[0]:
-            raise ValueError("several teachers need the route: one teacher index per row")
-        out = None
-        for k, name in enumerate(teacher.names):
-            rows = (route == k).nonzero().flatten()
-            if len(rows):
-                lp = teacher_logprobs(teacher.teachers[name], rollout.select(rows), temperature, chunk_size=chunk_size,
-                                      chunk_positions=chunk_positions)
-                out = torch.zeros(rollout.response_ids_BT.shape, dtype=lp.dtype, device=lp.device) if out is None else out
-                out[rows.to(lp.device)] = lp.to(out.device)
-        return out
-    if isinstance(teacher, Teacher) and not isinstance(teacher, torch.nn.Module):
-        return teacher.logprobs(rollout, temperature)
-    from effopd.scoring import CHUNK_POSITIONS, score
+    return start_logprobs(teacher, rollout, temperature, chunk_size=chunk_size, chunk_positions=chunk_positions,
+                          route=route)()
 
-    return score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
-                 chunk_positions=chunk_positions or CHUNK_POSITIONS)
+
+_POOL = None
+
+
+def _pool():
+    """The threads that wait for served teachers (requests are I/O: the GIL is free meanwhile)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="effopd-teacher")
+    return _POOL
 
 
 # ---- wire format -------------------------------------------------------------------------------
