@@ -119,13 +119,14 @@ def test_a_callback_that_never_accepts_leaves_the_run_bitwise_unchanged(kind, sp
     assert losses(plain) == losses(with_cb)
 
 
-def test_an_accepted_candidate_changes_exactly_the_selected_tensors(splits, tmp_path):
+@pytest.mark.parametrize("kind", ["distillation", "gkd"])
+def test_an_accepted_candidate_changes_exactly_the_selected_tensors(kind, splits, tmp_path):
     theta0 = weights(load_model("embedded", "student"))
-    plain = trainer("distillation", splits, tmp_path / "plain", steps=1)
+    plain = trainer(kind, splits, tmp_path / "plain", steps=1)
     plain.train()
     theta1 = weights(plain.model)
     cb = callback(splits, Rising(2), max_tries=2)
-    moved = trainer("distillation", splits, tmp_path / "cb", steps=1, callbacks=[cb])
+    moved = trainer(kind, splits, tmp_path / "cb", steps=1, callbacks=[cb])
     moved.train()
     (search,) = [h for h in moved.state.log_history if "extrapolate/s0" in h]
     assert search["extrapolate/accepted_c"] == 5.0 and search["extrapolate/candidates"] == [3.0, 5.0]
@@ -147,11 +148,12 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resuming_from_a_checkpoint_ends_identical_to_the_uninterrupted_run(splits, tmp_path):
+@pytest.mark.parametrize("kind", ["distillation", "gkd"])
+def test_resuming_from_a_checkpoint_ends_identical_to_the_uninterrupted_run(kind, splits, tmp_path):
     """Searches after steps 1, 2 and 4 all accept; the checkpoint is written at step 3, so the
     step-4 search extrapolates from the anchor the step-2 search left, which after the restart
     only the checkpoint holds (the weights have moved on by one step)."""
-    run = lambda out, *extra, **kw: trainer("distillation", splits, out, steps=5, save_steps=3,  # noqa: E731
+    run = lambda out, *extra, **kw: trainer(kind, splits, out, steps=5, save_steps=3,  # noqa: E731
                                             callbacks=[callback(splits, Rising(2), max_tries=2, **kw), *extra])
     full = run(tmp_path / "full")
     full.train()
