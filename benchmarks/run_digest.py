@@ -41,6 +41,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--out", type=Path, required=True, help="write the digests here (JSON)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides added to every run")
     args = p.parse_args()
     from effopd.cli import main as effopd
 
@@ -49,7 +50,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs:
             run_dir = Path(tmp) / name
-            rc = effopd(["train", "--run-dir", str(run_dir), "--no-progress", *RUNS[name]])
+            rc = effopd(["train", "--run-dir", str(run_dir), "--no-progress", *RUNS[name], *args.set])
             if rc:
                 print(f"run {name} failed with exit code {rc}", file=sys.stderr)
                 return rc

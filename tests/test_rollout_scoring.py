@@ -198,3 +198,26 @@ def test_sampling_ignores_the_models_generation_config_top_k(tiny_student):
     with isolated_rng(0):
         sampled = [generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0).texts for _ in range(3)]
     assert any(s != greedy for s in sampled)
+
+
+def test_length_bucketed_scoring_equals_the_padded_batch(tiny_student):
+    """Rows sorted by length and scored in groups, each on its own trimmed width, give the padded
+    batch's logprobs to float rounding, zeros on padding, and the prompt columns that are
+    padding in every row of a group change nothing."""
+    from effopd.scoring import trimmed
+
+    tok, model = tiny_student
+    prompts = ["1+2=", "10+20+30-5=", "3=", "45-12+7=", "99-1=", "2+2+2+2+2="]
+    with isolated_rng(3):
+        ro = generate(model, tok, prompts, max_new_tokens=14)
+    assert len(set(ro.lengths_B.tolist())) > 2  # lengths differ, so the buckets are narrower than the batch
+    padded = score(model, ro)
+    for buckets, chunk in ((2, None), (3, None), (3, 1), (6, None), (50, None)):
+        b = score(model, ro, buckets=buckets, chunk_size=chunk)
+        torch.testing.assert_close(b, padded, rtol=0, atol=1e-5)
+        assert (b[ro.response_mask_BT == 0] == 0).all()
+    short = trimmed(ro.select(torch.tensor([0, 2])))
+    assert short.prompt_ids_BP.shape[1] < ro.prompt_ids_BP.shape[1] and short.response_ids_BT.shape[1] == int(ro.lengths_B[[0, 2]].max())
+    torch.testing.assert_close(score(model, short), padded[[0, 2], : short.response_ids_BT.shape[1]], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="buckets=0 must be a positive integer"):
+        score(model, ro, buckets=0)

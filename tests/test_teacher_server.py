@@ -93,11 +93,11 @@ def test_a_server_that_goes_away_stops_the_run_and_resume_completes_it(tiny_mode
     calls = {"n": 0}
     real = RemoteTeacher.logprobs
 
-    def logprobs(self, rollout, temperature):
+    def logprobs(self, rollout, temperature, buckets=1):
         calls["n"] += 1
         if calls["n"] == 3:  # the server dies before step 3 is scored
             server.stop()
-        return real(self, rollout, temperature)
+        return real(self, rollout, temperature, buckets)
 
     monkeypatch.setattr(RemoteTeacher, "logprobs", logprobs)
     run = tmp_path / "run"
@@ -212,11 +212,12 @@ def test_each_prompt_is_scored_by_the_teacher_it_names(tiny_models, second_teach
     batch = student_samples(cfg, models, models.student, lambda k: examples[:k], 4)
     teacher_logprobs(cfg, models, batch)
     lp_BT, mask_BT = batch.signals["teacher_logp_BT"], batch.rollout.response_mask_BT
-    own = {name: score(models.teacher.teachers[name], batch.rollout, 1.0) for name in ("a", "b")}
-    for i, e in enumerate(examples[:4]):  # row i from its own teacher, bitwise; not from the other one
-        other = "b" if e.teacher == "a" else "a"
-        assert torch.equal(lp_BT[i], own[e.teacher][i])
-        assert not torch.allclose(lp_BT[i][mask_BT[i].bool()], own[other][i][mask_BT[i].bool()], atol=1e-3)
+    buckets = cfg.train.score_buckets
+    for name, other in (("a", "b"), ("b", "a")):  # each teacher's rows bitwise from it, not from the other
+        rows = torch.tensor([i for i, e in enumerate(examples[:4]) if e.teacher == name])
+        part, real = batch.rollout.select(rows), mask_BT[rows].bool()
+        assert torch.equal(lp_BT[rows], score(models.teacher.teachers[name], part, 1.0, buckets=buckets))
+        assert not torch.allclose(lp_BT[rows][real], score(models.teacher.teachers[other], part, 1.0)[real], atol=1e-3)
     kl = (batch.rollout.logp_BT - lp_BT) * mask_BT
     a_rows = torch.tensor([e.teacher == "a" for e in examples[:4]])
     assert batch.metrics["train/reverse_kl/a:sum"] == pytest.approx(float(kl[a_rows].sum()))
@@ -265,11 +266,11 @@ def test_the_base_is_scored_while_a_served_teacher_answers(tiny_models):
     models.base.model.layers[0].register_forward_hook(on_base)
 
     class SlowServed:  # answers once the base has run, or fails after 10 s
-        def logprobs(self, rollout, temperature):
+        def logprobs(self, rollout, temperature, buckets=1):
             asked.set()
             if not base_ran.wait(timeout=10):
                 raise TimeoutError("the base model never ran while the teacher request was out")
-            return score(local_teacher, rollout, temperature)
+            return score(local_teacher, rollout, temperature, buckets=buckets)
 
         def topk(self, rollout, k, temperature):
             raise NotImplementedError
@@ -278,8 +279,9 @@ def test_the_base_is_scored_while_a_served_teacher_answers(tiny_models):
     batch = student_samples(cfg, models, models.student, lambda k: generate_examples(k), 4)
     teacher_and_base_logprobs(cfg, models, batch)
     assert overlapped and all(overlapped)
-    assert torch.equal(batch.signals["teacher_logp_BT"], score(local_teacher, batch.rollout, 1.0))
-    assert torch.equal(batch.signals["base_logp_BT"], score(models.base, batch.rollout, 1.0))
+    buckets = cfg.train.score_buckets
+    assert torch.equal(batch.signals["teacher_logp_BT"], score(local_teacher, batch.rollout, 1.0, buckets=buckets))
+    assert torch.equal(batch.signals["base_logp_BT"], score(models.base, batch.rollout, 1.0, buckets=buckets))
 
 
 def generate_examples(k: int):

@@ -244,7 +244,8 @@ def teacher_logprobs(cfg, models: Models, batch: Batch, while_waiting: Callable[
     ``while_waiting`` runs while a served teacher's request is out (local work that overlaps it)."""
     route = batch.signals.get("teacher_route_B")
     pending = start_teacher_logprobs(models.teacher, batch.rollout, cfg.rollout.temperature, route=route,
-                                     chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk)
+                                     chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk,
+                                     buckets=cfg.train.score_buckets)
     if while_waiting is not None:
         while_waiting()
     lp_BT = pending()
@@ -265,7 +266,8 @@ def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
     def base() -> None:
         batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, temperature=cfg.rollout.temperature,
                                                        chunk_size=cfg.train.score_chunk_size,
-                                                       chunk_positions=cfg.train.logit_chunk)
+                                                       chunk_positions=cfg.train.logit_chunk,
+                                                       buckets=cfg.train.score_buckets)
 
     teacher_logprobs(cfg, models, batch, while_waiting=base)
 

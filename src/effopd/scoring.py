@@ -219,14 +219,40 @@ def _inside_root_forward(model, rollout: Rollout, fn) -> torch.Tensor:
     return out.logits
 
 
+def trimmed(rollout: Rollout) -> Rollout:
+    """``rollout`` without the prompt columns that are padding in every row (left) and the
+    response columns past its longest response (right): the same tokens, positions and masks
+    (position ids count real tokens), on a narrower batch."""
+    real_P = rollout.prompt_mask_BP.any(0).nonzero()
+    p0 = int(real_P[0]) if len(real_P) else rollout.prompt_ids_BP.shape[1]
+    t1 = int(rollout.response_mask_BT.sum(1).max()) if rollout.response_mask_BT.numel() else 0
+    return Rollout(rollout.prompt_ids_BP[:, p0:], rollout.prompt_mask_BP[:, p0:], rollout.response_ids_BT[:, :t1],
+                   rollout.response_mask_BT[:, :t1], rollout.logp_BT[:, :t1], rollout.texts)
+
+
 @torch.no_grad()
 def score(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None, *,
-          chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
+          chunk_positions: int = CHUNK_POSITIONS, buckets: int = 1) -> torch.Tensor:
     """:func:`token_logprobs` without grad, ``chunk_size`` rows per forward pass (None: all) to
-    bound activation memory, ``chunk_positions`` positions per LM-head chunk."""
+    bound activation memory, ``chunk_positions`` positions per LM-head chunk.
+
+    ``buckets`` > 1: the rows are sorted by length (prompt + response tokens) and split into that
+    many groups of near-equal size, each scored on its own :func:`trimmed` width, so short rows
+    are not padded to the longest response. The same logprobs to float rounding (a few 1e-6);
+    ``buckets=1`` is the padded batch as it is."""
     B = rollout.response_ids_BT.shape[0]
     if chunk_size is not None:
         _check_chunk("chunk_size", chunk_size)
+    if isinstance(buckets, bool) or not isinstance(buckets, numbers.Integral) or buckets < 1:
+        raise ValueError(f"buckets={buckets!r} must be a positive integer (1: score the padded batch as it is)")
+    if buckets > 1 and B > 1:
+        lengths_B = rollout.prompt_mask_BP.sum(1) + rollout.response_mask_BT.sum(1)
+        out_BT = torch.zeros(rollout.response_ids_BT.shape, dtype=torch.float32, device=_device(model))
+        for rows in torch.argsort(lengths_B, stable=True).tensor_split(min(buckets, B)):
+            part = trimmed(rollout.select(rows))
+            out_BT[rows.to(out_BT.device), : part.response_ids_BT.shape[1]] = score(
+                model, part, temperature, chunk_size, chunk_positions=chunk_positions)
+        return out_BT
     chunk_size = chunk_size or B
     parts = [token_logprobs(model, rollout.select(slice(i, i + chunk_size)), temperature, chunk_positions=chunk_positions)
              for i in range(0, B, chunk_size)]

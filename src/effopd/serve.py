@@ -54,7 +54,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.batches = 0
 
-    async def submit(self, rollout, temperature: float, kind: tuple = ("logprobs",)) -> tuple[torch.Tensor, ...]:
+    async def submit(self, rollout, temperature: float, kind: tuple = ("logprobs", 1)) -> tuple[torch.Tensor, ...]:
         job = _Job(rollout, temperature, kind, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self.wake.set()
@@ -121,7 +121,7 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
     def score_fn(rollout, temperature, kind):
         if kind[0] == "topk":
             return local_top_k(model, rollout, kind[1], temperature)
-        return (teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions),)
+        return (teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions, buckets=kind[1]),)
 
     batcher = Batcher(score_fn, max_batch_tokens, tokenizer.pad_token_id)
     info = {"status": "ok", "model": name, "vocab_hash": vocab_hash(tokenizer), "vocab_size": len(tokenizer.get_vocab()),
@@ -141,7 +141,10 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
                     raise ValueError(f"k={k!r} must be an integer in [1, {info['vocab_size']}]")
                 kind = ("topk", k)
             else:
-                kind = ("logprobs",)
+                buckets = body.get("buckets", 1)
+                if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+                    raise ValueError(f"buckets={buckets!r} must be a positive integer")
+                kind = ("logprobs", buckets)
         except ValueError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         try:

@@ -47,9 +47,10 @@ class TeacherServerError(UserError, RuntimeError):
 class Teacher(Protocol):
     """What a trainer needs from a teacher it does not hold: per-token logprobs of given tokens."""
 
-    def logprobs(self, rollout, temperature: float) -> torch.Tensor:
+    def logprobs(self, rollout, temperature: float, buckets: int = 1) -> torch.Tensor:
         """``(B, T)`` float32 logprobs of ``rollout.response_ids_BT`` under softmax(logits /
-        temperature), 0 on padding."""
+        temperature), 0 on padding; ``buckets``: score the rows in that many length buckets
+        (:func:`effopd.scoring.score`)."""
 
     def topk(self, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k GKD's teacher side at every response position: the k most likely token ids
@@ -99,12 +100,14 @@ class Routed:
 
 
 def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
-                   chunk_positions: int | None = None, route: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+                   chunk_positions: int | None = None, route: torch.Tensor | None = None,
+                   buckets: int = 1) -> Callable[[], torch.Tensor]:
     """:func:`teacher_logprobs`, started: a served teacher's request is sent from a worker thread
     at once, and the returned function waits for it; a local model is scored when the function
     is called, on the caller's thread. Work done between the two (the base model's logprobs in
     G-OPD, other teachers' rows) overlaps the request. With :class:`Routed` teachers every
-    served teacher's rows go out at once."""
+    served teacher's rows go out at once. ``buckets``: :func:`effopd.scoring.score`'s length
+    buckets (a served teacher scores with the same)."""
     if isinstance(teacher, Routed):
         if route is None or len(route) != rollout.response_ids_BT.shape[0]:
             raise ValueError("several teachers need the route: one teacher index per row")
@@ -113,7 +116,7 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
             rows = (route == k).nonzero().flatten()
             if len(rows):
                 parts.append((rows, start_logprobs(teacher.teachers[name], rollout.select(rows), temperature,
-                                                   chunk_size=chunk_size, chunk_positions=chunk_positions)))
+                                                   chunk_size=chunk_size, chunk_positions=chunk_positions, buckets=buckets)))
 
         def routed() -> torch.Tensor:
             out = None
@@ -125,21 +128,22 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
 
         return routed
     if isinstance(teacher, Teacher) and not isinstance(teacher, torch.nn.Module):
-        return _pool().submit(teacher.logprobs, rollout, temperature).result
+        return _pool().submit(teacher.logprobs, rollout, temperature, buckets).result
     from effopd.scoring import CHUNK_POSITIONS, score
 
     return lambda: score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
-                         chunk_positions=chunk_positions or CHUNK_POSITIONS)
+                         chunk_positions=chunk_positions or CHUNK_POSITIONS, buckets=buckets)
 
 
 def teacher_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
-                     chunk_positions: int | None = None, route: torch.Tensor | None = None) -> torch.Tensor:
+                     chunk_positions: int | None = None, route: torch.Tensor | None = None,
+                     buckets: int = 1) -> torch.Tensor:
     """The teacher's logprob of each response token: a local model's through
     :func:`effopd.scoring.score` (``chunk_size`` rows per pass, ``chunk_positions`` per LM-head
     chunk), a served one's through its client; with :class:`Routed` teachers, each row's own
     teacher's (``route``), each teacher scoring its rows as one batch."""
     return start_logprobs(teacher, rollout, temperature, chunk_size=chunk_size, chunk_positions=chunk_positions,
-                          route=route)()
+                          route=route, buckets=buckets)()
 
 
 _POOL = None
@@ -178,12 +182,13 @@ def decode_ids(text: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.int32).astype(np.int64)).view(*shape)
 
 
-def rollout_request(rollout, temperature: float) -> dict:
-    """The JSON body of a ``/logprobs`` request: the padded batch as lists of token ids and masks."""
+def rollout_request(rollout, temperature: float, buckets: int = 1) -> dict:
+    """The JSON body of a ``/logprobs`` request: the padded batch as lists of token ids and masks,
+    the temperature and the length buckets to score it in."""
     return {
         "prompt_ids": rollout.prompt_ids_BP.tolist(), "prompt_mask": rollout.prompt_mask_BP.tolist(),
         "response_ids": rollout.response_ids_BT.tolist(), "response_mask": rollout.response_mask_BT.tolist(),
-        "temperature": float(temperature),
+        "temperature": float(temperature), "buckets": int(buckets),
     }
 
 
@@ -203,7 +208,7 @@ def request_rollout(body: dict):
                          f"{tuple(r.shape)}, response_mask {tuple(rm.shape)}; send B rows of each, B >= 1")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    return Rollout(p, pm, r, rm, torch.zeros(r.shape, dtype=torch.float32), []), temperature
+    return Rollout(p, pm, r, rm, torch.zeros(r.shape, dtype=torch.float32), [""] * len(r)), temperature
 
 
 # ---- the client --------------------------------------------------------------------------------
@@ -265,8 +270,8 @@ class RemoteTeacher:
                 f"{len(tokenizer.get_vocab())} tokens). On-policy distillation needs one shared vocabulary: serve a "
                 "teacher from the student's model family")
 
-    def logprobs(self, rollout, temperature: float) -> torch.Tensor:
-        out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature))
+    def logprobs(self, rollout, temperature: float, buckets: int = 1) -> torch.Tensor:
+        out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature, buckets))
         lp = decode_floats(out["logprobs"], tuple(rollout.response_ids_BT.shape))
         return lp.to(rollout.response_ids_BT.device)
 

@@ -375,7 +375,7 @@ def prompt_scores(cfg: Config, model, models: Models, examples: list, seed: int)
     return validation.prompt_scores(
         model, models.tokenizer, examples, seed=seed, max_new_tokens=r.max_new_tokens, score=x.score, teacher=models.teacher,
         samples=x.val_samples, greedy=x.val_greedy, temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
-        score_chunk_size=cfg.train.score_chunk_size, logit_chunk=cfg.train.logit_chunk,
+        score_chunk_size=cfg.train.score_chunk_size, logit_chunk=cfg.train.logit_chunk, score_buckets=cfg.train.score_buckets,
     )
 
 

@@ -54,7 +54,7 @@ def make_extrapolator(model: torch.nn.Module, modules: Iterable[str], accelerato
 def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens: int,
                   score: str | Callable[[list[str], list], Sequence[float]] = "reward",
                   teacher=None, samples: int = 1, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  batch_size: int | None = None, score_chunk_size: int | None = None,
+                  batch_size: int | None = None, score_chunk_size: int | None = None, score_buckets: int = 1,
                   logit_chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
     """One score per example (float32, ``(len(examples),)``): the mean over its ``samples``
     responses (one when ``greedy``), drawn from their own generator seeded with ``seed``, of the
@@ -84,7 +84,7 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
     else:
         route = teacher.index([examples[i // k].teacher for i in range(len(prompts))]) if isinstance(teacher, Routed) else None
         lp_BT = teacher_logprobs(teacher, ro, temperature, chunk_size=score_chunk_size, chunk_positions=logit_chunk,
-                                 route=route)
+                                 route=route, buckets=score_buckets)
         per_sample = (lp_BT.sum(-1) / ro.response_mask_BT.sum(-1).clamp(min=1)).cpu()
     return per_sample.float().view(len(examples), k).mean(-1)
 
