@@ -307,3 +307,15 @@ def test_the_callback_defaults_are_effopd_trains_defaults():
     config = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(ExtrapolateConfig) if f.name in mine}
     assert len(config) >= 12 and all(mine[k] == v or list(mine[k]) == v for k, v in config.items()), config
+
+
+def test_the_teachers_logprob_can_score_the_candidates(splits, tmp_path):
+    teacher = load_model("embedded", "teacher")
+    cb = EffOPDCallback(rows(splits["val"]), score="teacher_logprob", teacher=teacher, val_prompts=8, max_new_tokens=16,
+                        max_tries=2)
+    run = trainer("distillation", splits, tmp_path / "run", steps=1, callbacks=[cb])
+    run.train()
+    (search,) = [h for h in run.state.log_history if "extrapolate/s0" in h]
+    assert search["extrapolate/s0"] < 0 and all(s < 0 for s in search["extrapolate/scores"])  # mean logprobs
+    with pytest.raises(EffOPDSetupError, match="needs the teacher model"):
+        EffOPDCallback(rows(splits["val"]), score="teacher_logprob")
