@@ -380,3 +380,29 @@ def test_micro_batches_with_an_empty_row_equal_one_pass(tiny, agg):
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["opd", "grpo", "gkd", "sft-gt"])
+@pytest.mark.parametrize("buckets, micro", [(2, None), (3, None), (4, 1), (2, 3)])
+def test_length_sorted_micro_batches_give_the_one_pass_gradient(tiny, method, buckets, micro):
+    """train.update_buckets: rows sorted by length, each micro-batch trimmed to its own width;
+    the loss and gradient of the update are those of the batch in sampled order (float rounding)."""
+    from effopd.methods import teacher_logprobs
+
+    base = [f"loss.method={method}", "train.update_buckets=1"] + (["rollout.n=2"] if method == "grpo" else [])
+    plain = load_config([], base)
+    sorted_ = load_config([], [*base, f"train.update_buckets={buckets}"] + ([f"train.micro_batch_size={micro}"] if micro else []))
+    batch = _sft_batch(tiny)
+    if method == "opd":
+        teacher_logprobs(plain, tiny, batch)
+    if method == "grpo":
+        batch.signals["seq_adv_B"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    parts = train_mod.micro_batches(sorted_, __import__("accelerate").Accelerator(cpu=True), batch)
+    lengths = [int(p.rollout.response_mask_BT.sum(1).max()) for p in parts]
+    assert all(p.rollout.response_ids_BT.shape[1] == n for p, n in zip(parts, lengths))  # trimmed to its widest row
+    assert sum(len(p) for p in parts) == len(batch) and len(parts) == (-(-4 // micro) if micro else min(buckets, 4))
+    loss_a, grads_a = _loss_and_grad(tiny, plain, batch)
+    loss_b, grads_b = _loss_and_grad(tiny, sorted_, batch)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-7)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

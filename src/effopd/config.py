@@ -218,6 +218,10 @@ class TrainConfig:
     """`auto` (cuda when available), `cpu` or `cuda`."""
     score_chunk_size: int | None = None
     """Rows per teacher/base scoring pass (null = whole batch)."""
+    update_buckets: int = 2
+    """The update's forward/backward sorts the rows by length and runs in this many micro-batches of near-equal
+    rows, each padded only to its own longest row (with train.micro_batch_size: the sorted rows cut into
+    micro-batches of that size). 1 = the batch in sampled order. The same gradient to float rounding."""
     score_buckets: int = 2
     """Teacher and base scoring sort the rows by length and score this many groups, each padded only to its own
     longest row (1 = the padded batch as sampled). Equal to float rounding (a few 1e-6); the student's own
@@ -248,6 +252,7 @@ class TrainConfig:
         _require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be > 0 or null")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _require(self.score_buckets >= 1, "train.score_buckets", self.score_buckets, "must be >= 1 (1 = no bucketing)")
+        _require(self.update_buckets >= 1, "train.update_buckets", self.update_buckets, "must be >= 1 (1 = no bucketing)")
         _require(self.save_every > 0, "train.save_every", self.save_every, "must be > 0")
         _require(self.keep_last is None or self.keep_last > 0, "train.keep_last", self.keep_last, "must be > 0 or null")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")

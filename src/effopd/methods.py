@@ -30,7 +30,7 @@ from effopd.losses import (
 )
 from effopd.rewards import reward
 from effopd.rollout import Rollout, concat_rollouts, from_completions, generate
-from effopd.scoring import gather_logprobs, response_logits, token_logprobs
+from effopd.scoring import gather_logprobs, response_logits, token_logprobs, trimmed
 from effopd.scoring import score as score_logprobs
 from effopd.teachers import Routed, Teacher
 from effopd.teachers import start_logprobs as start_teacher_logprobs
@@ -78,11 +78,20 @@ class Batch:
             return self.select(slice(start, start + size))
         return self.select(slice(0, 1)).weightless()
 
-    def select(self, rows: slice) -> "Batch":
-        """Rows ``rows`` of everything (for mini- and micro-batches)."""
-        return Batch(self.rollout.select(rows), self.golds[rows],
+    def select(self, rows: slice | torch.Tensor) -> "Batch":
+        """Rows ``rows`` (a slice or an index tensor) of everything (for mini- and micro-batches)."""
+        golds = self.golds[rows] if isinstance(rows, slice) else [self.golds[i] for i in rows.tolist()]
+        return Batch(self.rollout.select(rows), golds,
                      None if self.rewards_B is None else self.rewards_B[rows], self.group_size, self.metrics,
                      {k: v[rows] for k, v in self.signals.items()})
+
+    def trimmed(self) -> "Batch":
+        """The same rows on the narrowest padded width (:func:`effopd.scoring.trimmed`); the
+        per-token signals are cut to the new response width."""
+        ro = trimmed(self.rollout)
+        T, t = self.rollout.response_ids_BT.shape[1], ro.response_ids_BT.shape[1]
+        signals = {k: v[:, :t] if v.dim() >= 2 and v.shape[1] == T else v for k, v in self.signals.items()}
+        return Batch(ro, self.golds, self.rewards_B, self.group_size, self.metrics, signals)
 
 
 @dataclass

@@ -252,20 +252,38 @@ _MICRO_METRICS = ("clip_frac", "reverse_kl", "jsd", "nll")
 """Loss metrics averaged over micro-batches (by token share for token-mean, else by row share)."""
 
 
+def micro_batches(cfg: Config, accelerator, batch: Batch) -> list[Batch]:
+    """The micro-batches of one update, as many on every process (a process short of rows gets
+    weightless ones). ``train.update_buckets`` > 1: the rows sorted by length first, and each
+    micro-batch trimmed to its own widest row; without ``train.micro_batch_size`` there are
+    ``update_buckets`` of them, of near-equal size."""
+    B, mb, buckets = len(batch), cfg.train.micro_batch_size, cfg.train.update_buckets
+    if buckets > 1:
+        ro = batch.rollout
+        batch = batch.select(torch.argsort(ro.prompt_mask_BP.sum(1) + ro.response_mask_BT.sum(1), stable=True))
+    if mb is None and buckets > 1:
+        count = int(min(buckets, max_across(accelerator, B)))
+        sizes = [B // count + (i < B % count) for i in range(count)]
+    else:
+        mb = mb or B
+        count = int(max_across(accelerator, -(-B // mb)))
+        sizes = [mb] * count
+    parts = [batch.part(sum(sizes[:j]), size) for j, size in enumerate(sizes)]
+    return [p.trimmed() for p in parts] if buckets > 1 else parts
+
+
 def accumulate_gradients(cfg: Config, accelerator: Accelerator, models: Models, method: Method, batch: Batch) -> dict:
-    """Accumulate the gradient of ``method``'s loss on ``batch`` over micro-batches of
-    ``train.micro_batch_size`` rows. Each micro-batch loss is divided by the whole batch's
-    normaliser, so the summed gradient equals one pass over the batch."""
+    """Accumulate the gradient of ``method``'s loss on ``batch`` over its micro-batches
+    (:func:`micro_batches`). Each micro-batch loss is divided by the whole batch's normaliser,
+    so the summed gradient equals one pass over the batch."""
     B = len(batch)
-    mb = cfg.train.micro_batch_size or B
     # DDP averages the processes' gradients, so each divides by the global count / world size
     denominator = max(sum_across(accelerator, [normaliser_count(cfg, batch)])[0], 1) / accelerator.num_processes
     total_tokens = batch.rollout.response_mask_BT.sum().clamp(min=1)
     sums: dict[str, float] = {"loss": 0.0}
-    # the same number of micro-batches everywhere (a process short of rows runs weightless ones)
-    count = int(max_across(accelerator, -(-B // mb)))
-    for j in range(count):
-        part = batch.part(j * mb, mb)
+    parts = micro_batches(cfg, accelerator, batch)
+    count = len(parts)
+    for j, part in enumerate(parts):
         last = j == count - 1
         # DDP decides in the forward whether the backward all-reduces: both go inside no_sync, so
         # only the last micro-batch synchronises the accumulated gradient
