@@ -221,11 +221,14 @@ def _inside_root_forward(model, rollout: Rollout, fn) -> torch.Tensor:
 
 def trimmed(rollout: Rollout) -> Rollout:
     """``rollout`` without the prompt columns that are padding in every row (left) and the
-    response columns past its longest response (right): the same tokens, positions and masks
-    (position ids count real tokens), on a narrower batch."""
+    response columns past its longest response (right, keeping at least one): the same tokens,
+    positions and masks (position ids count real tokens), on a narrower batch."""
     real_P = rollout.prompt_mask_BP.any(0).nonzero()
     p0 = int(real_P[0]) if len(real_P) else rollout.prompt_ids_BP.shape[1]
-    t1 = int(rollout.response_mask_BT.sum(1).max()) if rollout.response_mask_BT.numel() else 0
+    # at least one response column: a batch of empty (or weightless) responses still runs a
+    # forward (and backward) pass through every parameter
+    T = rollout.response_ids_BT.shape[1]
+    t1 = min(T, max(1, int(rollout.response_mask_BT.sum(1).max()))) if rollout.response_mask_BT.numel() else 0
     return Rollout(rollout.prompt_ids_BP[:, p0:], rollout.prompt_mask_BP[:, p0:], rollout.response_ids_BT[:, :t1],
                    rollout.response_mask_BT[:, :t1], rollout.logp_BT[:, :t1], rollout.texts)
 
