@@ -20,7 +20,8 @@ def _loads_torch(code: str) -> bool:
     return out.stdout.strip().splitlines()[-1] == "True"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["analyze", "--help"], ["report", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["analyze", "--help"], ["report", "--help"],
+                                  ["serve-teacher", "--help"]])
 def test_help_loads_no_torch(argv):
     code = f"from effopd import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass"
     assert not _loads_torch(code)

@@ -127,7 +127,7 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
             return out
 
         return routed
-    if isinstance(teacher, Teacher) and not isinstance(teacher, torch.nn.Module):
+    if not isinstance(teacher, torch.nn.Module) and hasattr(teacher, "logprobs"):  # a Teacher: served
         return _pool().submit(teacher.logprobs, rollout, temperature, buckets).result
     from effopd.scoring import CHUNK_POSITIONS, score
 
