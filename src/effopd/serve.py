@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from effopd.teachers import encode_floats, encode_ids, request_rollout, vocab_hash
+from effopd.teachers import encode, request_rollout, vocab_hash
 
 
 @dataclass
@@ -154,14 +154,14 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
 
     async def logprobs(request: Request) -> JSONResponse:
         out = await scored(request, "logprobs")
-        return out if isinstance(out, JSONResponse) else JSONResponse({"logprobs": encode_floats(out[0])})
+        return out if isinstance(out, JSONResponse) else JSONResponse({"logprobs": encode(out[0])})
 
     async def topk(request: Request) -> JSONResponse:
         out = await scored(request, "topk")
         if isinstance(out, JSONResponse):
             return out
         ids, lp, tok = out
-        return JSONResponse({"ids": encode_ids(ids), "logprobs": encode_floats(lp), "token_logprobs": encode_floats(tok)})
+        return JSONResponse({"ids": encode(ids, torch.int32), "logprobs": encode(lp), "token_logprobs": encode(tok)})
 
     @asynccontextmanager
     async def lifespan(app):

@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
@@ -43,7 +43,6 @@ class TeacherServerError(UserError, RuntimeError):
     """The teacher server answered with an error (a bad request, a failure while scoring)."""
 
 
-@runtime_checkable
 class Teacher(Protocol):
     """What a trainer needs from a teacher it does not hold: per-token logprobs of given tokens."""
 
@@ -162,24 +161,15 @@ def _pool():
 # ---- wire format -------------------------------------------------------------------------------
 
 
-def encode_floats(t: torch.Tensor) -> str:
-    return base64.b64encode(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).decode()
+def encode(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> str:
+    """``t`` as base64 of its little-endian ``dtype`` bytes (float32 logprobs, int32 token ids)."""
+    return base64.b64encode(t.detach().to("cpu", dtype).contiguous().numpy().tobytes()).decode()
 
 
-def decode_floats(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.float32).copy()).view(*shape)
-
-
-def encode_ids(t: torch.Tensor) -> str:
-    return base64.b64encode(t.detach().to("cpu", torch.int32).contiguous().numpy().tobytes()).decode()
-
-
-def decode_ids(text: str, shape: tuple[int, ...]) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.int32).astype(np.int64)).view(*shape)
+def decode(text: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor :func:`encode` wrote (int32 comes back as int64, torch's index dtype)."""
+    flat = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=dtype)
+    return (flat.long() if dtype == torch.int32 else flat).view(*shape)
 
 
 def rollout_request(rollout, temperature: float, buckets: int = 1) -> dict:
@@ -272,15 +262,15 @@ class RemoteTeacher:
 
     def logprobs(self, rollout, temperature: float, buckets: int = 1) -> torch.Tensor:
         out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature, buckets))
-        lp = decode_floats(out["logprobs"], tuple(rollout.response_ids_BT.shape))
+        lp = decode(out["logprobs"], tuple(rollout.response_ids_BT.shape))
         return lp.to(rollout.response_ids_BT.device)
 
     def topk(self, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self._call("POST", "/topk", json={**rollout_request(rollout, temperature), "k": int(k)})
         B, T = rollout.response_ids_BT.shape
         device = rollout.response_ids_BT.device
-        return (decode_ids(out["ids"], (B, T, k)).to(device), decode_floats(out["logprobs"], (B, T, k + 1)).to(device),
-                decode_floats(out["token_logprobs"], (B, T)).to(device))
+        return (decode(out["ids"], (B, T, k), torch.int32).to(device), decode(out["logprobs"], (B, T, k + 1)).to(device),
+                decode(out["token_logprobs"], (B, T)).to(device))
 
     def close(self) -> None:
         self._client.close()

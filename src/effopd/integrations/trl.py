@@ -292,16 +292,19 @@ class EffOPDCallback(TrainerCallback):
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def _files(self) -> tuple[bool, int]:
+    def _layout(self) -> tuple[bool, int, int]:
+        """Whether the model is sharded, this process's rank and the number of processes."""
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         sharded = is_sharded(self._model)
-        return sharded, (torch.distributed.get_rank() if sharded else 0)
+        return sharded, (dist.get_rank() if sharded else 0), world
 
     def on_save(self, args, state, control, **kwargs):
         x = self.extrapolator
         if x is None:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        sharded, rank = self._files()
+        sharded, rank, processes = self._layout()
         if state.is_world_process_zero or sharded:
             from safetensors.torch import save_file
 
@@ -311,7 +314,7 @@ class EffOPDCallback(TrainerCallback):
             os.replace(tmp, folder / anchor_file(sharded, rank))
         if state.is_world_process_zero:
             meta = {"step": state.global_step, "controller": x.state_dict(), "tensors": sorted(x.anchor), "sharded": sharded,
-                    "processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+                    "processes": processes}
             atomic_write_text(folder / STATE_FILE, json.dumps(meta, indent=1))
 
     def _restore(self, args, state) -> None:
@@ -328,8 +331,7 @@ class EffOPDCallback(TrainerCallback):
         if meta.get("step") != state.global_step:
             raise EffOPDSetupError(f"EffOPDCallback: {folder / STATE_FILE} was written at step {meta.get('step')} but training "
                                    f"resumes at step {state.global_step}; point resume_from at the checkpoint being resumed")
-        sharded, rank = self._files()
-        processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        sharded, rank, processes = self._layout()
         if meta.get("sharded") != sharded or (sharded and meta.get("processes") != processes):
             raise EffOPDSetupError(f"EffOPDCallback: {folder} holds the anchor of a run with sharded={meta.get('sharded')} on "
                                    f"{meta.get('processes')} processes; this one has sharded={sharded} on {processes}. Resume "
