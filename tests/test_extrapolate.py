@@ -197,3 +197,100 @@ def test_search_records_no_autograd_history():
     ex.search(1, lambda: Score(next(scores)))
     assert torch.equal(params["w"].detach(), torch.full((3,), 3.0))
     assert params["w"].grad_fn is None and params["w"].requires_grad  # changed in place, outside autograd
+
+
+# ---- the other schedules and the paired rule ---------------------------------------------------
+
+def _moved(anchor_seed, theta_seed, schedule, **kw):
+    anchor, theta = _params(anchor_seed), _params(theta_seed)
+    params = {n: v.clone() for n, v in theta.items()}
+    ex = Extrapolator(params, schedule=schedule, **kw)
+    for n in ex.anchor:
+        ex.anchor[n].copy_(anchor[n])
+    return ex, params, anchor, theta
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_no_schedule_accepts_anything_when_every_extrapolation_is_worse(schedule):
+    """Score peaks exactly at θ_t: whatever the direction, every candidate scores lower, so each
+    schedule must restore θ_t bitwise, on consecutive searches with training steps between."""
+    ex, params, _, _ = _moved(4, 5, schedule, trigger_steps=[1, 2, 3])
+    for step in (1, 2, 3):
+        if step > 1:  # a training step moves θ
+            for n, p in params.items():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        theta = {n: v.clone() for n, v in params.items()}
+        rec = ex.search(step, _distance_score(params, theta))
+        assert rec.accepted_c == 1.0 and rec.best == rec.s0 == 0.0
+        assert rec.candidates and all(s < 0 for s in rec.scores)
+        for n in params:
+            assert torch.equal(params[n], theta[n])
+
+
+def test_expo_keeps_the_initial_anchor_and_scores_every_factor():
+    """θ0 = 0, θ_t = d, optimum at 2·d: expo tries all max_tries factors, keeps c = 2, and the anchor
+    stays at θ0 (the next search scales the whole update from the init again)."""
+    d = _params(6)
+    params = {n: v.clone() for n, v in d.items()}
+    ex = Extrapolator(params, schedule="expo")
+    for n in ex.anchor:
+        ex.anchor[n].zero_()
+    rec = ex.search(1, _distance_score(params, {n: 2 * v for n, v in d.items()}))
+    assert rec.candidates == [1.5, 2.0, 3.0, 5.0, 8.0] and rec.accepted_c == 2.0
+    for n in params:
+        torch.testing.assert_close(params[n], 2 * d[n])
+        assert not ex.anchor[n].any()
+
+
+def test_rank1_moves_only_along_the_top_singular_direction():
+    """The update is a known rank-2 matrix σ1 u1 v1ᵀ + σ2 u2 v2ᵀ; with the optimum far along u1 v1ᵀ
+    the accepted state differs from θ_t only by a multiple of u1 v1ᵀ."""
+    q1, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)))
+    q2, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+    top = torch.outer(q1[:, 0], q2[:, 0])
+    delta = 3.0 * top + 1.0 * torch.outer(q1[:, 1], q2[:, 1])
+    params = {"w": delta.clone()}
+    ex = Extrapolator(params, schedule="rank1")
+    ex.anchor["w"].zero_()
+    rec = ex.search(1, _distance_score(params, {"w": delta + 12.0 * top}))  # c = 5 lands exactly there
+    assert rec.accepted_c == 5.0
+    torch.testing.assert_close(params["w"], delta + 12.0 * top)
+
+
+def test_lookahead_follows_the_momentum_and_checkpoints_it():
+    """Two searches: the first direction is the update itself; the second is momentum·m + Δ2. The
+    momentum survives tensors() / load_state_dict() into a new controller."""
+    params = {"w": torch.ones(3, 2)}
+    ex = Extrapolator(params, schedule="lookahead", momentum=0.5, max_tries=1)
+    ex.anchor["w"].zero_()
+    worse = iter([1.0, 0.0, 1.0, 0.0])
+    ex.search(1, lambda: Score(next(worse)))  # Δ1 = 1, nothing accepted
+    torch.testing.assert_close(ex.velocity["w"], torch.ones(3, 2))
+    params["w"].add_(2.0)  # Δ2 = 2 (anchor moved to θ_1 = 1)
+    scores = iter([0.0, 1.0])
+    rec = ex.search(2, lambda: Score(next(scores)))  # c = 3 accepted: θ = 3 + 2·(0.5·1 + 2)
+    assert rec.accepted_c == 3.0
+    torch.testing.assert_close(params["w"], torch.full((3, 2), 8.0))
+    again = Extrapolator({"w": params["w"].clone()}, schedule="lookahead")
+    again.load_state_dict(ex.state_dict(), ex.tensors())
+    torch.testing.assert_close(again.velocity["w"], torch.full((3, 2), 2.5))
+
+
+def test_paired_rule_accepts_a_consistent_small_gain_the_unpaired_rule_rejects():
+    """Per-prompt scores vary a lot between prompts, but the candidate is better on every prompt
+    by 0.05: the paired difference is far beyond one standard error, the unpaired one is not."""
+    base = [0.0, 1.0, 0.2, 0.8, 0.4, 0.6, 0.1, 0.9]
+    s0 = Score(sum(base) / 8, float(torch.tensor(base).std() / 8**0.5), base)
+    better = [b + 0.05 for b in base]
+    s1 = Score(sum(better) / 8, s0.noise, better)
+    assert s1.beats(s0, 1.0, paired=True)
+    assert not s1.beats(s0, 1.0, paired=False)
+    mixed = [b + (0.3 if i % 2 else -0.25) for i, b in enumerate(base)]  # higher mean, no consistent gain
+    s2 = Score(sum(mixed) / 8, s0.noise, mixed)
+    assert s2.value > s0.value and not s2.beats(s0, 1.0, paired=True)
+
+
+def test_paired_rule_needs_per_prompt_scores():
+    ex, params, _, _ = _moved(0, 1, "paper", accept="paired", margin=1.0)
+    with pytest.raises(ValueError, match="per-prompt scores"):
+        ex.search(1, lambda: Score(0.5, 0.1))

@@ -64,6 +64,8 @@ class SFTStage:
     """...except for all-addition problems, which use this share when set."""
     min_ops: int = 2  # operation counts of the training corpus
     max_ops: int = 3
+    worked_max_ops: int | None = None
+    """Problems with more operations than this are always written bare (null: no such limit)."""
 
 
 @dataclass
@@ -130,6 +132,24 @@ def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor
     }
 
 
+def corpus_batch(rng: random.Random, stage: SFTStage, corpus_spec: TaskSpec, exclude: set[str]) -> list[tuple[str, str]]:
+    """One batch of (prompt, completion) pairs of a stage's corpus: fresh problems (never one in
+    ``exclude``), each worked out with the stage's probability, else answered bare."""
+    pairs = []
+    while len(pairs) < stage.batch_size:
+        ex = make_problem(rng, corpus_spec)
+        if ex.prompt in exclude:
+            continue
+        frac = stage.worked_frac
+        if stage.worked_frac_additions is not None and "-" not in ex.prompt:
+            frac = stage.worked_frac_additions
+        if stage.worked_max_ops is not None and ex.solution.count(";") > stage.worked_max_ops:
+            frac = 0.0
+        worked = rng.random() < frac
+        pairs.append((ex.prompt, ex.solution if worked else bare_solution(ex)))
+    return pairs
+
+
 def sft(model, tokenizer, stage: SFTStage, spec: TaskSpec, seed: int, exclude: set[str], desc: str) -> list[float]:
     """Supervised training on freshly drawn problems (never ones in ``exclude``); returns the
     loss curve (mean per 50 steps)."""
@@ -140,16 +160,7 @@ def sft(model, tokenizer, stage: SFTStage, spec: TaskSpec, seed: int, exclude: s
     model.train()
     curve, window = [], []
     for _ in tqdm(range(stage.steps), desc=desc, mininterval=2.0):
-        pairs = []
-        while len(pairs) < stage.batch_size:
-            ex = make_problem(rng, corpus_spec)
-            if ex.prompt in exclude:
-                continue
-            frac = stage.worked_frac
-            if stage.worked_frac_additions is not None and "-" not in ex.prompt:
-                frac = stage.worked_frac_additions
-            worked = rng.random() < frac
-            pairs.append((ex.prompt, ex.solution if worked else bare_solution(ex)))
+        pairs = corpus_batch(rng, stage, corpus_spec, exclude)
         loss = model(**sft_batch(tokenizer, pairs)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,6 +211,68 @@ def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
         }
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
+    record["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "bootstrap.json", record)
+    return record
+
+
+@dataclass
+class SeparateConfig:
+    """The second testbed: a student that is *not* the teacher's fine-tune.
+
+    The teacher is an existing one (the embedded teacher by default: worked solutions of 2-3
+    operations). The student has half its width and is pre-trained from scratch, apart from it,
+    on 1 to 3 operations in which only problems of up to ``worked_max_ops`` operations are worked
+    out; longer ones are answered bare. The target task is the longer problems alone
+    (``task``: 3 operations), so their worked solutions are not in the student's data and
+    continued SFT on its own corpus cannot teach them: the teacher has to."""
+
+    seed: int = 0
+    task: TaskSpec = field(default_factory=lambda: TaskSpec(3, 3, 2))
+    shape: ModelShape = field(default_factory=lambda: ModelShape(64, 4, 256, 2, 1, 32))
+    student: SFTStage = field(default_factory=lambda: SFTStage(
+        steps=2000, lr=2e-3, worked_frac=1.0, min_ops=1, max_ops=3, worked_max_ops=2))
+    n_test: int = 1000
+    max_new_tokens: int = 48
+
+    @classmethod
+    def reduced(cls, seed: int = 0) -> "SeparateConfig":
+        cfg = cls(seed=seed, n_test=64)
+        cfg.student.steps, cfg.student.batch_size = 60, 16
+        return cfg
+
+
+def bootstrap_separate(out: str | Path, cfg: SeparateConfig, teacher: str | Path) -> dict:
+    """Build the second testbed into ``out/{teacher,student}``: ``teacher`` (a model directory
+    with its tokenizer) is copied as it is; the student is trained from scratch with its
+    tokenizer (:class:`SeparateConfig`). Both are evaluated on the target task's test split
+    (``out/bootstrap.json``)."""
+    import shutil
+
+    out, teacher = Path(out), Path(teacher)
+    t0 = time.time()
+    splits = make_splits(cfg.task, cfg.seed, n_train=2000, n_test=cfg.n_test)
+    held_out = {e.prompt for e in splits["val"] + splits["test"]}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(teacher)
+    shutil.copytree(teacher, out / "teacher", dirs_exist_ok=True)
+    record: dict = {"seed": cfg.seed, "config": asdict(cfg), "teacher_from": str(teacher)}
+    test = splits["test"]
+    teacher_model = Qwen3ForCausalLM.from_pretrained(out / "teacher")
+    for role, model in (("teacher", teacher_model), ("student", make_model(cfg.shape, tokenizer, cfg.seed * 100 + 7))):
+        start = time.time()
+        curve = []
+        if role == "student":
+            curve = sft(model, tokenizer, cfg.student, cfg.task, cfg.seed * 100 + 8, held_out, desc="bootstrap student")
+            model.save_pretrained(out / role)
+            tokenizer.save_pretrained(out / role)
+        model.eval()
+        greedy = evaluate_model(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
+        forced = evaluate_model(model, tokenizer, forced_worked(test), max_new_tokens=cfg.max_new_tokens)
+        record[role] = {
+            "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.time() - start, 1),
+            "loss_curve": [round(x, 4) for x in curve], "test_greedy_accuracy": greedy["accuracy"],
+            "test_forced_worked_accuracy": forced["accuracy"], "test_mean_length": greedy["mean_length"],
+        }
     record["seconds"] = round(time.time() - t0, 1)
     write_json(out / "bootstrap.json", record)
     return record

@@ -179,6 +179,11 @@ def _add_bootstrap(sub) -> None:
     p.add_argument("--export-jsonl", type=Path, metavar="DIR", help="write the task's train/val/test splits as DIR/{train,val,test}.jsonl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reduced", action="store_true", help="tiny budget (a minute), for tests")
+    p.add_argument("--separate", action="store_true",
+                   help="build the second testbed instead: a half-width student pre-trained from scratch apart from the "
+                   "teacher (worked solutions of up to 2 operations only), for the 3-operation task (data.task_min_ops=3 "
+                   "data.task_max_ops=3); the teacher is --teacher, copied")
+    p.add_argument("--teacher", default="embedded", metavar="DIR", help="with --separate: the teacher (default: the embedded one)")
 
 
 def _add_demo(sub) -> None:
@@ -443,8 +448,14 @@ def cmd_bootstrap(args) -> int:
             write_jsonl(examples, args.export_jsonl / f"{split}.jsonl")
             print(f"wrote {len(examples)} problems to {args.export_jsonl / f'{split}.jsonl'}")
     if args.out:
-        from effopd.bootstrap import BootstrapConfig, bootstrap, summary
+        from effopd.bootstrap import BootstrapConfig, SeparateConfig, bootstrap, bootstrap_separate, summary
 
+        if args.separate:
+            from effopd.models import resolve
+
+            cfg = SeparateConfig.reduced(args.seed) if args.reduced else SeparateConfig(seed=args.seed)
+            print(summary(bootstrap_separate(args.out, cfg, resolve(args.teacher, "teacher"))))
+            return 0
         cfg = BootstrapConfig.reduced(args.seed) if args.reduced else BootstrapConfig(seed=args.seed)
         print(summary(bootstrap(args.out, cfg)))
     return 0

@@ -295,10 +295,18 @@ class ExtrapolateConfig:
     enabled: bool = False
     """Switch EffOPD on: extrapolate along the update direction at trigger steps."""
     schedule: str = "paper"
-    """`paper` (c = 3, 5, 7, ...) or `adaptive` (c = 1 + g*2^i, g adapting across searches)."""
+    """`paper` (c = 3, 5, 7, ... along the update since the last anchor), `adaptive` (c = 1 + g*2^i, g adapting
+    across searches), `lookahead` (along a momentum of the updates; use with trigger_steps every few steps),
+    `rank1` (along each tensor's top singular direction of the update) or `expo` (the whole update since the
+    init, c = 1.5, 2, 3, 5, 8, 13 up to max_tries, anchor fixed)."""
     max_tries: int = 5
     margin: float = 0.0
-    """Accept a candidate only if it beats the best score by margin x the score's standard error (0 = strict)."""
+    """Accept a candidate only if it beats the best score by margin x a standard error (0 = strict)."""
+    accept: str = "best"
+    """`best`: compare mean scores (standard error of each); `paired`: the mean per-prompt difference to the best
+    state, over its standard error (the same prompts and seed score every candidate)."""
+    momentum: float = 0.5
+    """`lookahead`'s momentum of the updates between searches."""
     trigger_steps: list[int] | None = None
     """Steps after which to search; null = powers of two (1, 2, 4, 8, ...)."""
     max_step: int | None = None
@@ -326,6 +334,8 @@ class ExtrapolateConfig:
         bad = [m for m in self.modules if m not in TYPES]
         _require(not bad, "extrapolate.modules", self.modules, f"unknown module types {bad}; choose from {TYPES}")
         _require(self.margin >= 0, "extrapolate.margin", self.margin, "must be >= 0")
+        _require(self.accept in ("best", "paired"), "extrapolate.accept", self.accept, "choose best or paired")
+        _require(0 <= self.momentum < 1, "extrapolate.momentum", self.momentum, "must be in [0, 1)")
         _require(self.score in EXTRAPOLATE_SCORES, "extrapolate.score", self.score, f"choose one of {EXTRAPOLATE_SCORES}")
         _require(self.val_prompts > 0 and self.val_samples > 0, "extrapolate.val_prompts/val_samples", (self.val_prompts, self.val_samples), "must be > 0")
         _require(0 < self.min_gain <= self.init_gain <= self.max_gain, "extrapolate.min_gain/init_gain/max_gain",

@@ -24,6 +24,26 @@ Candidate schedules:
   the gain) would lock the search into scales too small to matter. If nothing but ties was
   seen, g doubles (up to ``max_gain``). The ``paper`` schedule keeps the strict rule: stop at
   the first non-improvement.
+- ``lookahead``: an outer Nesterov-style step (SNOO, arXiv 2510.15830). The direction is a
+  momentum of the updates between searches, m <- momentum·m + (θ_t − θ_a), and the candidates
+  are θ_t + (c − 1)·m for the paper's c; meant to trigger every few steps
+  (``trigger_steps``), it equals ``paper`` at the first search.
+- ``rank1``: move only along the top singular direction of each tensor's update
+  (σ1·u1·v1ᵀ of θ_t − θ_a, AlphaRL arXiv 2510.00553): θ_t + (c − 1)·σ1·u1·v1ᵀ, c = 3, 5, 7, ...
+  The rest of the update is kept as trained, not scaled. Local shards would give each shard's
+  own top direction, so it needs unsharded tensors.
+- ``expo``: the anchor stays at the initial weights and every candidate scales the *whole*
+  update since then, θ_0 + c·(θ_t − θ_0) for c = 1.5, 2, 3, 5, 8, 13 (the first ``max_tries``; ExPO,
+  arXiv 2404.16792);
+  all candidates are scored and the best kept. Run post hoc on a finished run's checkpoints it
+  is the fixed-factor baseline.
+
+Acceptance: ``accept="best"`` compares means (a candidate must beat the best score so far by
+``margin`` standard errors of the unpaired scores); ``accept="paired"`` uses that every
+candidate is scored on the same prompts with the same sampling seed, and asks the mean of the
+per-prompt differences to the best state so far to exceed ``margin`` standard errors of those
+differences, which is the smaller, right noise estimate under common random numbers (with
+``margin = 0`` both rules are the same).
 """
 
 from __future__ import annotations
@@ -35,7 +55,11 @@ from typing import Callable
 import torch
 
 #: The candidate schedules (see the module docstring); the first is the default.
-SCHEDULES = ("paper", "adaptive")
+SCHEDULES = ("paper", "adaptive", "lookahead", "rank1", "expo")
+#: Acceptance rules (see the module docstring).
+ACCEPT = ("best", "paired")
+#: The ``expo`` schedule's factors.
+EXPO_FACTORS = (1.5, 2.0, 3.0, 5.0, 8.0, 13.0)
 
 #: The anchor's file in a checkpoint folder (safetensors, the selected tensors by name).
 ANCHOR_FILE = "extrapolate_anchor.safetensors"
@@ -64,10 +88,24 @@ def extrapolated(anchor: torch.Tensor, current: torch.Tensor, c: float) -> torch
 
 @dataclass
 class Score:
-    """A validation score and its estimated standard error."""
+    """A validation score, its estimated standard error, and (for paired acceptance) the
+    per-prompt scores it is the mean of."""
 
     value: float
     noise: float = 0.0
+    per_prompt: list[float] | None = None
+
+    def beats(self, best: "Score", margin: float, paired: bool) -> bool:
+        """Whether this score is better than ``best`` by ``margin`` standard errors: of the
+        per-prompt differences when ``paired``, else the larger of the two scores' own."""
+        if not paired:
+            return self.value > best.value + margin * max(best.noise, self.noise)
+        if self.per_prompt is None or best.per_prompt is None or len(self.per_prompt) != len(best.per_prompt):
+            raise ValueError("accept=paired needs per-prompt scores of equal length from score(); "
+                             "build score() with validation.validation_scorer, or use accept=best")
+        d = torch.tensor(self.per_prompt, dtype=torch.float64) - torch.tensor(best.per_prompt, dtype=torch.float64)
+        se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
+        return float(d.mean()) > margin * se and float(d.mean()) > 0
 
 
 @dataclass
@@ -107,6 +145,8 @@ class Extrapolator:
         schedule: str = SCHEDULES[0],
         max_tries: int = 5,
         margin: float = 0.0,
+        accept: str = ACCEPT[0],
+        momentum: float = 0.5,
         trigger_steps: list[int] | None = None,
         max_step: int | None = None,
         init_gain: float = 0.5,
@@ -120,6 +160,10 @@ class Extrapolator:
         and ``total`` (the sum over processes) makes the logged update norm global."""
         if schedule not in SCHEDULES:
             raise ValueError(f"extrapolate.schedule={schedule!r} is not a schedule: choose one of {', '.join(SCHEDULES)}")
+        if accept not in ACCEPT:
+            raise ValueError(f"extrapolate.accept={accept!r} is not a rule: choose one of {', '.join(ACCEPT)}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"extrapolate.momentum={momentum} must be in [0, 1)")
         if max_tries < 1:
             raise ValueError(f"extrapolate.max_tries={max_tries} must be >= 1")
         if margin < 0:
@@ -128,12 +172,15 @@ class Extrapolator:
             raise ValueError("extrapolate: no parameters selected; check extrapolate.modules")
         self.params = params
         self.schedule, self.max_tries, self.margin = schedule, max_tries, margin
+        self.paired, self.momentum = accept == "paired", momentum
         self.trigger_steps = set(trigger_steps) if trigger_steps else None
         self.max_step = max_step
         self.gain, self.min_gain, self.max_gain = init_gain, min_gain, max_gain
         self.storage = torch.device(storage)
         self.total = total or (lambda x: x)
         self.anchor = {n: p.detach().to(self.storage, copy=True) for n, p in params.items()}
+        self.velocity: dict[str, torch.Tensor] = {}
+        """``lookahead``'s momentum of the updates (empty before its first search)."""
         self.history: list[SearchRecord] = []
         self.total_seconds = 0.0
 
@@ -145,9 +192,11 @@ class Extrapolator:
         return step in self.trigger_steps if self.trigger_steps is not None else pow2_steps(step)
 
     def candidates(self) -> list[float]:
-        if self.schedule == "paper":
-            return [3.0 + 2.0 * i for i in range(self.max_tries)]
-        return [1.0 + self.gain * 2.0**i for i in range(self.max_tries)]
+        if self.schedule == "adaptive":
+            return [1.0 + self.gain * 2.0**i for i in range(self.max_tries)]
+        if self.schedule == "expo":
+            return list(EXPO_FACTORS[: self.max_tries])
+        return [3.0 + 2.0 * i for i in range(self.max_tries)]
 
     def _adapt(self, accepted_index: int | None, only_ties: bool = False) -> None:
         if self.schedule != "adaptive":
@@ -163,10 +212,36 @@ class Extrapolator:
     # ---- weights ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _set(self, backup: dict[str, torch.Tensor], c: float) -> None:
-        """params <- :func:`extrapolated` (anchor, backup, c), per tensor; c = 1 copies backup."""
+    def _set(self, backup: dict[str, torch.Tensor], c: float, direction: dict[str, torch.Tensor] | None) -> None:
+        """params <- :func:`extrapolated` (anchor, backup, c) per tensor, or, with a schedule's own
+        ``direction`` D, backup + (c − 1)·D; c = 1 copies backup."""
         for n, p in self.params.items():
-            p.copy_(extrapolated(self.anchor[n], backup[n], c))
+            if c == 1 or direction is None:
+                p.copy_(extrapolated(self.anchor[n], backup[n], c))
+            else:
+                p.copy_(backup[n].float().add(direction[n], alpha=c - 1).to(p.dtype))
+
+    @torch.no_grad()
+    def _direction(self, backup: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The direction of ``lookahead`` (updated momentum) and ``rank1`` (top singular
+        component of the update), float32 on the storage device; None for the others."""
+        if self.schedule == "lookahead":
+            for n in backup:
+                step = backup[n].float() - self.anchor[n].float()
+                v = self.velocity.get(n)
+                self.velocity[n] = step if v is None else v.mul_(self.momentum).add_(step)
+            return self.velocity
+        if self.schedule == "rank1":
+            out = {}
+            for n in backup:
+                delta = backup[n].float() - self.anchor[n].float()
+                if delta.ndim != 2 or not delta.any():
+                    out[n] = torch.zeros_like(delta)
+                    continue
+                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+                out[n] = torch.outer(u[:, 0] * s[0], vh[0])
+            return out
+        return None
 
     @torch.no_grad()
     def search(self, step: int, score: Callable[[], Score]) -> SearchRecord:
@@ -174,26 +249,28 @@ class Extrapolator:
         t0 = time.time()
         backup = {n: p.detach().to(self.storage, copy=True) for n, p in self.params.items()}
         norm = self.total(sum(float((backup[n].float() - self.anchor[n].float()).pow(2).sum()) for n in backup)) ** 0.5
-        first = score()
+        direction = self._direction(backup)
+        first = best = score()
         rec = SearchRecord(step=step, s0=first.value, noise=first.noise, best=first.value, update_norm=norm)
         best_c, accepted_index, worse_seen = 1.0, None, False
         for i, c in enumerate(self.candidates()):
-            self._set(backup, c)
+            self._set(backup, c, direction)
             s = score()
             rec.candidates.append(c)
             rec.scores.append(s.value)
-            if s.value > rec.best + self.margin * max(first.noise, s.noise):
-                rec.best, best_c, accepted_index = s.value, c, i
-            elif self.schedule == "adaptive" and s.value == rec.best:
-                continue  # a tie: no evidence either way, try the next scale
+            if s.beats(best, self.margin, self.paired):
+                best, rec.best, best_c, accepted_index = s, s.value, c, i
+            elif self.schedule == "expo" or (self.schedule == "adaptive" and s.value == rec.best):
+                continue  # expo scores every factor; adaptive: a tie is no evidence, try the next scale
             else:
                 worse_seen = True
                 break
-        self._set(backup, best_c)
+        self._set(backup, best_c, direction)
         rec.accepted_c = best_c
         self._adapt(accepted_index, only_ties=not worse_seen)
-        for n, p in self.params.items():
-            self.anchor[n].copy_(p.detach())
+        if self.schedule != "expo":  # expo's anchor stays at the initial weights
+            for n, p in self.params.items():
+                self.anchor[n].copy_(p.detach())
         rec.seconds = time.time() - t0
         self.total_seconds += rec.seconds
         self.history.append(rec)
@@ -201,17 +278,25 @@ class Extrapolator:
 
     # ---- state -----------------------------------------------------------------------------
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold (saved as safetensors): the anchor by name, and
+        ``lookahead``'s momentum as ``velocity/<name>``."""
+        return {**self.anchor, **{f"velocity/{n}": v for n, v in self.velocity.items()}}
+
     def state_dict(self) -> dict:
-        """Everything but the anchor tensors (saved separately as safetensors)."""
+        """Everything but :meth:`tensors` (saved separately as safetensors)."""
         return {
             "history": [asdict(r) for r in self.history], "gain": self.gain, "total_seconds": self.total_seconds,
         }
 
     def load_state_dict(self, state: dict, anchor: dict[str, torch.Tensor]) -> None:
+        """Restore from :meth:`state_dict` and :meth:`tensors` (``anchor``)."""
         missing = set(self.anchor) - set(anchor)
         if missing:
             raise ValueError(f"extrapolation anchor in the checkpoint lacks {sorted(missing)[:3]}")
         for n in self.anchor:
             self.anchor[n].copy_(anchor[n])
+        self.velocity = {n: anchor[f"velocity/{n}"].to(self.storage, torch.float32, copy=True)
+                         for n in self.anchor if f"velocity/{n}" in anchor}
         self.history = [SearchRecord(**r) for r in state["history"]]
         self.gain, self.total_seconds = state["gain"], state["total_seconds"]

@@ -380,7 +380,8 @@ def make_extrapolator(cfg: Config, model, accelerator=None) -> Extrapolator:
     of a sharded model this process's shards, the update norm summed over processes)."""
     x = cfg.extrapolate
     return validation.make_extrapolator(
-        model, x.modules, accelerator, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin,
+        model, x.modules, accelerator, schedule=x.schedule, max_tries=x.max_tries, margin=x.margin, accept=x.accept,
+        momentum=x.momentum,
         trigger_steps=x.trigger_steps, max_step=x.max_step, init_gain=x.init_gain, min_gain=x.min_gain,
         max_gain=x.max_gain, storage=x.storage,
     )
@@ -462,7 +463,7 @@ def _write_checkpoint(accelerator, cfg, root, step, models, optimizer, scheduler
     def per_process():
         ckpt.save_rng(tmp, rank)
         if extrapolator is not None and (main or sharded):
-            save_file({n: t.contiguous() for n, t in extrapolator.anchor.items()}, tmp / anchor_file(sharded, rank))
+            save_file({n: t.contiguous() for n, t in extrapolator.tensors().items()}, tmp / anchor_file(sharded, rank))
 
     _on_every_process(accelerator, per_process)
     _on_every_process(accelerator, (lambda: ckpt.finish(root, step, accelerator.num_processes, cfg.train.keep_last))

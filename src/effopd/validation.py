@@ -47,7 +47,11 @@ def make_extrapolator(model: torch.nn.Module, modules: Iterable[str], accelerato
     sharded model it takes this process's shards and sums the logged update norm over the
     processes of ``accelerator`` (anything with ``num_processes``, e.g. accelerate's
     ``PartialState``); replicated copies are not summed."""
-    total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and is_sharded(model) else None
+    sharded = is_sharded(model)
+    if sharded and controller.get("schedule") == "rank1":
+        raise ValueError("extrapolate.schedule=rank1 needs whole tensors for their top singular direction, and this "
+                         "model is sharded (FSDP2); choose paper, adaptive, lookahead or expo, or run unsharded")
+    total = (lambda v: sum_across(accelerator, [v])[0]) if accelerator is not None and sharded else None
     return Extrapolator(select_parameters(model, modules), total=total, **controller)
 
 
@@ -114,6 +118,6 @@ def validation_scorer(per_prompt: Callable[[list], torch.Tensor], examples: list
             scores = gather_list(accelerator, scores)
         t = torch.tensor(scores, dtype=torch.float32)
         noise = float(t.std() / len(examples) ** 0.5) if len(examples) > 1 else 0.0
-        return Score(float(t.mean()), noise)
+        return Score(float(t.mean()), noise, scores)
 
     return score

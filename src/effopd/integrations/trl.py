@@ -161,8 +161,8 @@ class EffOPDCallback(TrainerCallback):
     reward function (called as ``fn(prompts=..., completions=..., <column>=[...])``, one number
     per completion). Higher is better.
 
-    The controller's settings (``modules``, ``schedule``, ``max_tries``, ``margin``,
-    ``trigger_steps``, ``max_step``, the gains, ``storage``) and the validation settings
+    The controller's settings (``modules``, ``schedule``, ``max_tries``, ``margin``, ``accept``,
+    ``momentum``, ``trigger_steps``, ``max_step``, the gains, ``storage``) and the validation settings
     (``val_samples``, ``val_greedy``, ``val_seed``) mean what the ``extrapolate.*`` keys of
     ``effopd train`` mean. ``max_new_tokens``/``temperature``/``top_p`` default to the
     Trainer's own (``max_completion_length`` or ``max_new_tokens``, ``temperature``, ``top_p``),
@@ -184,6 +184,8 @@ class EffOPDCallback(TrainerCallback):
         schedule: str = SCHEDULES[0],
         max_tries: int = 5,
         margin: float = 0.0,
+        accept: str = "best",
+        momentum: float = 0.5,
         trigger_steps: list[int] | None = None,
         max_step: int | None = None,
         init_gain: float = 0.5,
@@ -212,7 +214,8 @@ class EffOPDCallback(TrainerCallback):
         if not self.rows:
             raise EffOPDSetupError("EffOPDCallback: val_dataset is empty; pass held-out prompts to score candidates on")
         self.tokenizer, self.score, self.teacher = processing_class, score, teacher
-        self.controller = dict(schedule=schedule, max_tries=max_tries, margin=margin, trigger_steps=trigger_steps,
+        self.controller = dict(schedule=schedule, max_tries=max_tries, margin=margin, accept=accept, momentum=momentum,
+                               trigger_steps=trigger_steps,
                                max_step=max_step, init_gain=init_gain, min_gain=min_gain, max_gain=max_gain, storage=storage)
         self.modules = list(modules)
         self.val_samples, self.val_greedy, self.val_seed = val_samples, val_greedy, val_seed
@@ -310,7 +313,7 @@ class EffOPDCallback(TrainerCallback):
 
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{anchor_file(sharded, rank)}.tmp"
-            save_file({n: t.contiguous() for n, t in x.anchor.items()}, str(tmp))
+            save_file({n: t.contiguous() for n, t in x.tensors().items()}, str(tmp))
             os.replace(tmp, folder / anchor_file(sharded, rank))
         if state.is_world_process_zero:
             meta = {"step": state.global_step, "controller": x.state_dict(), "tensors": sorted(x.anchor), "sharded": sharded,
