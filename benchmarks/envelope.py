@@ -18,7 +18,8 @@ of steps to reach it. Every method's best lr is compared with it: ratio = envelo
 method's steps (> 1: the method is faster than the best plain run), with the per-seed spread.
 
 Methods (see ``METHODS``): ``plain``; the controller's schedules ``paper``, ``adaptive``,
-``lookahead``, ``rank1``; ``paper-paired`` (paired acceptance); and ``expo``, the post-hoc
+``lookahead`` (every 4 steps), ``rank1``; ``paper-paired`` (paired acceptance, one standard error
+of the per-prompt differences); and ``expo``, the post-hoc
 baseline: the plain run's weights at each evaluation step extrapolated from the init by the
 factor that scores best on the validation prompts (training itself unchanged).
 
@@ -51,8 +52,8 @@ METHODS = {
     "plain": [],
     "paper": [*EFFOPD, "extrapolate.schedule=paper"],
     "adaptive": [*EFFOPD, "extrapolate.schedule=adaptive"],
-    "paper-paired": [*EFFOPD, "extrapolate.schedule=paper", "extrapolate.accept=paired"],
-    "lookahead": [*EFFOPD, "extrapolate.schedule=lookahead"],
+    "paper-paired": [*EFFOPD, "extrapolate.schedule=paper", "extrapolate.accept=paired", "extrapolate.margin=1"],
+    "lookahead": [*EFFOPD, "extrapolate.schedule=lookahead", "extrapolate.trigger_steps=[4,8,12,16,20,24,28,32,36]"],
     "rank1": [*EFFOPD, "extrapolate.schedule=rank1"],
     "expo": [],  # post-hoc on the plain run's checkpoints (see expo_curve)
 }
