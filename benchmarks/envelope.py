@@ -2,7 +2,7 @@
 
     # the runs (resumable: a finished run is skipped; two at a time, one thread each)
     python benchmarks/envelope.py run --testbed embedded --methods plain --lrs 3e-6 1e-5 3e-5 1e-4 3e-4
-    python benchmarks/envelope.py run --testbed embedded --methods paper adaptive --lrs 1e-5 1e-4
+    python benchmarks/envelope.py run --testbed embedded --grid paper:1e-4,3e-5 --grid expo:1e-5
     # the tables (markdown), from whatever has finished
     python benchmarks/envelope.py table --testbed embedded
 
@@ -163,6 +163,13 @@ def _one_run(testbed: str, method: str, lr: str, seed: int, args, out: Path, run
 
 def cmd_run(args) -> None:
     jobs = [(args.testbed, m, lr, s) for lr in args.lrs for m in args.methods for s in args.seeds]
+    for spec in args.grid or []:  # METHOD:LR,LR,... in the order given, instead of methods x lrs
+        method, _, lrs = spec.partition(":")
+        if method not in METHODS or not lrs:
+            raise SystemExit(f"--grid {spec!r}: write METHOD:LR[,LR...] with METHOD one of {', '.join(METHODS)}")
+        jobs += [(args.testbed, method, lr, s) for lr in lrs.split(",") for s in args.seeds]
+    if args.grid:
+        jobs = jobs[len(args.lrs) * len(args.methods) * len(args.seeds):]
     with ThreadPoolExecutor(args.jobs) as pool:
         for msg in pool.map(lambda j: one_run(*j, args), jobs):
             print(msg, flush=True)
@@ -327,6 +334,8 @@ def main() -> None:
     r.add_argument("--methods", nargs="+", choices=list(METHODS), default=["plain"])
     r.add_argument("--lrs", nargs="+", default=["3e-6", "1e-5", "3e-5", "1e-4", "3e-4"])
     r.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    r.add_argument("--grid", action="append", metavar="METHOD:LR,LR",
+                   help="runs of one method at these lrs (repeatable, run in the order given; replaces --methods/--lrs)")
     r.add_argument("--steps", type=int, default=40)
     r.add_argument("--eval-every", type=int, default=2)
     r.add_argument("--jobs", type=int, default=2, help="runs at a time")
