@@ -258,7 +258,7 @@ def cmd_table(args) -> None:
     for r in recs:
         groups.setdefault((r["method"], r["lr"]), []).append(r)
     print(f"### Testbed `{args.testbed}`\n")
-    print("Accuracy per step (mean over seeds; seeds in brackets):\n")
+    print("Greedy test accuracy at a few steps (mean over seeds) and at the end of the budget (mean, range):\n")
     shown = (2, 4, 6, 10, 20, 40)
     print("| method | lr | seeds | " + " | ".join(f"acc@{s}" for s in shown) + " | final (range) |")
     print("|---|---|---|" + "---|" * len(shown) + "---|")

@@ -183,6 +183,18 @@ def forced_worked(examples: list[Example]) -> list[Example]:
     return [Example(e.prompt + e.solution.split("=")[0] + "=", e.answer, e.solution, e.source) for e in examples]
 
 
+def model_record(model, tokenizer, test: list[Example], max_new_tokens: int, curve: list[float], start: float) -> dict:
+    """What bootstrap.json records of one built model: size, build seconds, loss curve, and greedy
+    test accuracy as it answers and when forced into the worked form."""
+    greedy = evaluate_model(model, tokenizer, test, max_new_tokens=max_new_tokens)
+    forced = evaluate_model(model, tokenizer, forced_worked(test), max_new_tokens=max_new_tokens)
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.time() - start, 1),
+        "loss_curve": [round(x, 4) for x in curve], "test_greedy_accuracy": greedy["accuracy"],
+        "test_forced_worked_accuracy": forced["accuracy"], "test_mean_length": greedy["mean_length"],
+    }
+
+
 def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
     """Build tokenizer, teacher and student into ``out/{teacher,student}`` and record how good
     they are in ``out/bootstrap.json``."""
@@ -199,16 +211,7 @@ def bootstrap(out: str | Path, cfg: BootstrapConfig) -> dict:
     for role, stage, offset in (("teacher", cfg.teacher, 2), ("student", cfg.student, 3)):
         start = time.time()
         curve = sft(model, tokenizer, stage, cfg.task, cfg.seed * 100 + offset, held_out, desc=f"bootstrap {role}")
-        greedy = evaluate_model(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
-        forced = evaluate_model(model, tokenizer, forced_worked(test), max_new_tokens=cfg.max_new_tokens)
-        record[role] = {
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": round(time.time() - start, 1),
-            "loss_curve": [round(x, 4) for x in curve],
-            "test_greedy_accuracy": greedy["accuracy"],
-            "test_forced_worked_accuracy": forced["accuracy"],
-            "test_mean_length": greedy["mean_length"],
-        }
+        record[role] = model_record(model, tokenizer, test, cfg.max_new_tokens, curve, start)
         model.save_pretrained(out / role)
         tokenizer.save_pretrained(out / role)
     record["seconds"] = round(time.time() - t0, 1)
@@ -266,13 +269,7 @@ def bootstrap_separate(out: str | Path, cfg: SeparateConfig, teacher: str | Path
             model.save_pretrained(out / role)
             tokenizer.save_pretrained(out / role)
         model.eval()
-        greedy = evaluate_model(model, tokenizer, test, max_new_tokens=cfg.max_new_tokens)
-        forced = evaluate_model(model, tokenizer, forced_worked(test), max_new_tokens=cfg.max_new_tokens)
-        record[role] = {
-            "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.time() - start, 1),
-            "loss_curve": [round(x, 4) for x in curve], "test_greedy_accuracy": greedy["accuracy"],
-            "test_forced_worked_accuracy": forced["accuracy"], "test_mean_length": greedy["mean_length"],
-        }
+        record[role] = model_record(model, tokenizer, test, cfg.max_new_tokens, curve, start)
     record["seconds"] = round(time.time() - t0, 1)
     write_json(out / "bootstrap.json", record)
     return record
