@@ -48,13 +48,15 @@ EXPO_STEPS = (2, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40)
 SEEDS = (10, 11, 12)
 
 EFFOPD = ["extrapolate.enabled=true"]
-METHODS = {
+BEST, PAIRED = ["extrapolate.accept=best", "extrapolate.margin=0"], ["extrapolate.accept=paired", "extrapolate.margin=1"]
+METHODS = {  # every rule spelled out, so that a change of the defaults does not change a method
     "plain": [],
-    "paper": [*EFFOPD, "extrapolate.schedule=paper"],
-    "adaptive": [*EFFOPD, "extrapolate.schedule=adaptive"],
-    "paper-paired": [*EFFOPD, "extrapolate.schedule=paper", "extrapolate.accept=paired", "extrapolate.margin=1"],
-    "lookahead": [*EFFOPD, "extrapolate.schedule=lookahead", "extrapolate.trigger_steps=[4,8,12,16,20,24,28,32,36]"],
-    "rank1": [*EFFOPD, "extrapolate.schedule=rank1"],
+    "paper": [*EFFOPD, "extrapolate.schedule=paper", *BEST],
+    "adaptive": [*EFFOPD, "extrapolate.schedule=adaptive", *BEST],
+    "paper-paired": [*EFFOPD, "extrapolate.schedule=paper", *PAIRED],
+    "lookahead": [*EFFOPD, "extrapolate.schedule=lookahead", "extrapolate.trigger_steps=[4,8,12,16,20,24,28,32,36]", *BEST],
+    "rank1": [*EFFOPD, "extrapolate.schedule=rank1", *BEST],
+    "rank1-paired": [*EFFOPD, "extrapolate.schedule=rank1", *PAIRED],
     "expo": [],  # post-hoc on the plain run's checkpoints (see expo_curve)
 }
 
@@ -220,7 +222,8 @@ def cmd_expo_curve(args) -> None:
         base["wall"][step] = round(plain["wall"].get(step, 0.0) + extra, 3)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"testbed": args.testbed, "method": "expo", **base}, indent=1))
+    out.write_text(json.dumps({"testbed": args.testbed, "method": "expo", "lr": cfg.optim.lr, "seed": cfg.train.seed,
+                               **base}, indent=1))
 
 
 def _run_config(run_dir: Path):

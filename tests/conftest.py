@@ -60,6 +60,8 @@ def tiny_overrides(tiny_models, **extra) -> list[str]:
         "rollout.batch_size": 4, "rollout.max_new_tokens": 10, "data.eval_limit": 8,
         "eval.max_new_tokens": 10, "train.steps": 2, "train.eval_every": 1, "train.save_every": 1,
         "optim.lr": 1e-2,
+        # the controller under the paper's rule (the shipped default, rank1 + paired, has its own tests)
+        "extrapolate.schedule": "paper", "extrapolate.accept": "best", "extrapolate.margin": 0.0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -294,3 +294,46 @@ def test_paired_rule_needs_per_prompt_scores():
     ex, params, _, _ = _moved(0, 1, "paper", accept="paired", margin=1.0)
     with pytest.raises(ValueError, match="per-prompt scores"):
         ex.search(1, lambda: Score(0.5, 0.1))
+
+
+def test_top_component_of_a_large_update_matches_the_exact_svd():
+    """Above EXACT_SVD_MAX the randomized SVD must find the same top component (a clear spectral
+    gap, as a trained update has), and leave the global random stream where it was."""
+    from effopd.extrapolate import EXACT_SVD_MAX, top_component
+
+    g = torch.Generator().manual_seed(0)
+    m, n = EXACT_SVD_MAX + 8, 300
+    u, v = torch.randn(m, generator=g), torch.randn(n, generator=g)
+    delta = 5.0 * torch.outer(u / u.norm(), v / v.norm()) + 0.01 * torch.randn(m, n, generator=g)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    got = top_component(delta)
+    assert torch.equal(torch.rand(3), expected_next)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    torch.testing.assert_close(got, torch.outer(U[:, 0] * S[0], Vh[0]), atol=1e-4, rtol=1e-3)
+
+
+def test_the_shipped_default_rule_accepts_nothing_when_every_extrapolation_is_worse():
+    """effopd train's default (rank1 schedule, paired acceptance, margin 1) on a per-prompt toy
+    score that peaks at θ_t on every prompt, over consecutive searches: θ_t is restored bitwise."""
+    from effopd.config import ExtrapolateConfig
+
+    d = ExtrapolateConfig()
+    ex, params, _, _ = _moved(7, 8, d.schedule, accept=d.accept, margin=d.margin, trigger_steps=[1, 2, 3])
+    weights = [0.5, 1.0, 2.0, 4.0]
+    for step in (1, 2, 3):
+        if step > 1:
+            for n, p in params.items():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+        theta = {n: v.clone() for n, v in params.items()}
+
+        def score():
+            dist = sum(float((params[n] - theta[n]).pow(2).sum()) for n in params) ** 0.5
+            per = [-w * dist for w in weights]
+            return Score(sum(per) / len(per), 0.0, per)
+
+        rec = ex.search(step, score)
+        assert rec.accepted_c == 1.0 and rec.candidates
+        for n in params:
+            assert torch.equal(params[n], theta[n])

@@ -173,3 +173,20 @@ def test_a_failed_start_leaves_no_run_dir(tiny_models, tmp_path):
     with pytest.raises(ModelLoadError):
         train(load_config([], tiny_overrides(tiny_models, **{"model.teacher": str(tmp_path / "missing")})), run, progress=False)
     assert not run.exists()  # so the corrected command is not refused as "already holds a run"
+
+
+def test_the_default_effopd_rule_trains(tiny_models, tmp_path):
+    """extrapolate.enabled=true with the shipped rule (rank1, paired, margin 1): searches at steps
+    1 and 2 with the paper's factors, logged, and the anchor is checkpointed."""
+    from effopd.config import ExtrapolateConfig
+
+    d = ExtrapolateConfig()
+    cfg = load_config([], tiny_overrides(tiny_models, **{
+        "train.steps": 2, "train.eval_every": 0, "extrapolate.enabled": True, "extrapolate.val_prompts": 6,
+        "extrapolate.schedule": d.schedule, "extrapolate.accept": d.accept, "extrapolate.margin": d.margin}))
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [r for r in metrics_rows(tmp_path / "run") if "extrapolate/accepted_c" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["extrapolate/candidates"][0] == 3.0 and r["extrapolate/accepted_c"] in [1.0, *r["extrapolate/candidates"]]
+               for r in rows)
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "extrapolate_anchor.safetensors").exists()

@@ -99,8 +99,11 @@ class Rising:
         return [value] * len(completions)
 
 
+PAPER_RULE = dict(schedule="paper", accept="best", margin=0.0)
+
+
 def callback(splits, score, **kw):
-    return EffOPDCallback(rows(splits["val"]), score=score, val_prompts=8, max_new_tokens=16, **kw)
+    return EffOPDCallback(rows(splits["val"]), score=score, val_prompts=8, max_new_tokens=16, **{**PAPER_RULE, **kw})
 
 
 @pytest.mark.parametrize("kind", ["distillation", "gkd"])
@@ -293,8 +296,9 @@ def test_the_example_script_runs_and_points_to_the_analysis(tmp_path):
 
 
 def test_the_callback_defaults_are_effopd_trains_defaults():
-    """One set of defaults: the callback's keyword arguments default to what the controller and
-    ``effopd train``'s ``extrapolate.*`` keys default to."""
+    """One set of defaults: the callback's keyword arguments default to what ``effopd train``'s
+    ``extrapolate.*`` keys default to, and to the controller's own except its rule (the class keeps
+    the paper's schedule and strict acceptance; both front ends default to rank1 + paired)."""
     import dataclasses
     import inspect
 
@@ -302,7 +306,9 @@ def test_the_callback_defaults_are_effopd_trains_defaults():
     from effopd.extrapolate import Extrapolator
 
     mine = {k: p.default for k, p in inspect.signature(EffOPDCallback).parameters.items()}
-    controller = {k: p.default for k, p in inspect.signature(Extrapolator).parameters.items() if k in mine}
+    rule = {"schedule", "accept", "margin"}
+    assert (mine["schedule"], mine["accept"], mine["margin"]) == ("rank1", "paired", 1.0)
+    controller = {k: p.default for k, p in inspect.signature(Extrapolator).parameters.items() if k in mine and k not in rule}
     assert controller and all(mine[k] == v for k, v in controller.items()), controller
     config = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
               for f in dataclasses.fields(ExtrapolateConfig) if f.name in mine}

@@ -36,7 +36,8 @@ def main(out: str) -> None:
     splits = embedded_splits()
     rows = lambda ex: [{"prompt": e.prompt, "answer": e.answer} for e in ex]  # noqa: E731
     tok = load_tokenizer("embedded")
-    cb = Recording(rows(splits["val"][:8]), val_prompts=8, max_new_tokens=16, max_tries=2)
+    cb = Recording(rows(splits["val"][:8]), val_prompts=8, max_new_tokens=16, max_tries=2, schedule="paper", accept="best",
+                   margin=0.0)
     args = DistillationConfig(output_dir=out + "-run", max_steps=2, per_device_train_batch_size=4, learning_rate=1e-4,
                               max_completion_length=16, bf16=False, use_cpu=True, seed=0, logging_steps=1,
                               save_strategy="no", report_to="none", disable_tqdm=True)

@@ -225,16 +225,17 @@ class SeparateConfig:
 
     The teacher is an existing one (the embedded teacher by default: worked solutions of 2-3
     operations). The student has half its width and is pre-trained from scratch, apart from it,
-    on 1 to 3 operations in which only problems of up to ``worked_max_ops`` operations are worked
-    out; longer ones are answered bare. The target task is the longer problems alone
-    (``task``: 3 operations), so their worked solutions are not in the student's data and
-    continued SFT on its own corpus cannot teach them: the teacher has to."""
+    on problems of 1 to 2 operations, half of them worked out and half answered bare. The target
+    task is longer, 3 operations (``task``): no such problem, worked or bare, is in the
+    student's data, so continued SFT on its corpus cannot teach it; the teacher has to. (A
+    student that had also seen 3-operation problems, always answered bare, kept answering them
+    bare under OPD: it never sampled the worked form, so sampled-token distillation had nothing
+    to reinforce; benchmarks/RESULTS.md.)"""
 
     seed: int = 0
     task: TaskSpec = field(default_factory=lambda: TaskSpec(3, 3, 2))
     shape: ModelShape = field(default_factory=lambda: ModelShape(64, 4, 256, 2, 1, 32))
-    student: SFTStage = field(default_factory=lambda: SFTStage(
-        steps=2000, lr=2e-3, worked_frac=1.0, min_ops=1, max_ops=3, worked_max_ops=2))
+    student: SFTStage = field(default_factory=lambda: SFTStage(steps=2000, lr=2e-3, worked_frac=0.5, min_ops=1, max_ops=2))
     n_test: int = 1000
     max_new_tokens: int = 48
 

@@ -181,8 +181,8 @@ def _add_bootstrap(sub) -> None:
     p.add_argument("--reduced", action="store_true", help="tiny budget (a minute), for tests")
     p.add_argument("--separate", action="store_true",
                    help="build the second testbed instead: a half-width student pre-trained from scratch apart from the "
-                   "teacher (worked solutions of up to 2 operations only), for the 3-operation task (data.task_min_ops=3 "
-                   "data.task_max_ops=3); the teacher is --teacher, copied")
+                   "teacher on 1-2 operation problems (half worked, half bare), for the 3-operation task "
+                   "(data.task_min_ops=3 data.task_max_ops=3); the teacher is --teacher, copied")
     p.add_argument("--teacher", default="embedded", metavar="DIR", help="with --separate: the teacher (default: the embedded one)")
 
 

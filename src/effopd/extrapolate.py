@@ -54,7 +54,9 @@ from typing import Callable
 
 import torch
 
-#: The candidate schedules (see the module docstring); the first is the default.
+#: The candidate schedules (see the module docstring); the first is this class's default. ``effopd
+#: train`` and the TRL callback default to ``rank1`` with paired acceptance, the combination the
+#: lr-sweep envelope favoured (benchmarks/RESULTS.md).
 SCHEDULES = ("paper", "adaptive", "lookahead", "rank1", "expo")
 #: Acceptance rules (see the module docstring).
 ACCEPT = ("best", "paired")
@@ -84,6 +86,24 @@ def extrapolated(anchor: torch.Tensor, current: torch.Tensor, c: float) -> torch
         return anchor.to(current.dtype)
     a = anchor.float()
     return (current.float() - a).mul_(c).add_(a).to(current.dtype)
+
+
+#: Above this many rows and columns, :func:`top_component` uses a randomized low-rank SVD.
+EXACT_SVD_MAX = 1024
+
+
+def top_component(delta: torch.Tensor) -> torch.Tensor:
+    """σ1·u1·v1ᵀ of a 2-D tensor: by a full SVD when it is small, else by ``torch.svd_lowrank``
+    (8 columns, 4 power iterations) under a fixed seed of its own, so it is deterministic and
+    leaves the caller's random stream untouched. A 2048 x 6144 update takes milliseconds this way
+    instead of seconds."""
+    if min(delta.shape) <= EXACT_SVD_MAX:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        return torch.outer(u[:, 0] * s[0], vh[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(delta, q=8, niter=4)
+    return torch.outer(u[:, 0] * s[0], v[:, 0])
 
 
 @dataclass
@@ -238,8 +258,7 @@ class Extrapolator:
                 if delta.ndim != 2 or not delta.any():
                     out[n] = torch.zeros_like(delta)
                     continue
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                out[n] = torch.outer(u[:, 0] * s[0], vh[0])
+                out[n] = top_component(delta)
             return out
         return None
 

@@ -41,7 +41,7 @@ import torch
 from transformers import TrainerCallback
 
 from effopd.errors import UserError
-from effopd.extrapolate import SCHEDULES, Extrapolator, anchor_file
+from effopd.extrapolate import Extrapolator, anchor_file
 from effopd.module_groups import DEFAULT_TYPE_ORDER
 from effopd.sharding import is_sharded
 from effopd.utils import atomic_write_text
@@ -181,10 +181,10 @@ class EffOPDCallback(TrainerCallback):
         score: str | Callable = "reward",
         teacher: torch.nn.Module | None = None,
         modules: Sequence[str] = DEFAULT_TYPE_ORDER,
-        schedule: str = SCHEDULES[0],
+        schedule: str = "rank1",
         max_tries: int = 5,
-        margin: float = 0.0,
-        accept: str = "best",
+        margin: float = 1.0,
+        accept: str = "paired",
         momentum: float = 0.5,
         trigger_steps: list[int] | None = None,
         max_step: int | None = None,
