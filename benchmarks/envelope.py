@@ -25,7 +25,9 @@ factor that scores best on the validation prompts (training itself unchanged).
 
 Testbeds: ``embedded`` (the shipped student and teacher) and ``separate`` (a half-width student
 pre-trained apart from the teacher, on the 3-operation task), built once by
-``effopd bootstrap --separate --out runs/testbed-separate``.
+``effopd bootstrap --separate --out runs/testbed-separate``; ``separate-seen`` (the same kind of
+student, its corpus 1-3 operations half worked, on the embedded task), built by
+``python benchmarks/envelope.py build-seen``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,19 @@ TESTBEDS = {
     "embedded": [],
     "separate": [f"model.student={SEPARATE}/student", f"model.teacher={SEPARATE}/teacher",
                  "data.task_min_ops=3", "data.task_max_ops=3"],
+    "separate-seen": [f"model.student={SEPARATE}-seen/student", f"model.teacher={SEPARATE}-seen/teacher"],
 }
+
+
+def cmd_build_seen(args) -> None:
+    """The ``separate-seen`` testbed: the half-width student pre-trained apart from the teacher,
+    on 1-3 operations half worked out, for the embedded task itself (2-3 operations)."""
+    from effopd.bootstrap import SeparateConfig, SFTStage, bootstrap_separate, summary
+    from effopd.data.task import TaskSpec
+    from effopd.models import resolve
+
+    cfg = SeparateConfig(task=TaskSpec(2, 3, 2), student=SFTStage(steps=2000, lr=2e-3, worked_frac=0.5, min_ops=1, max_ops=3))
+    print(summary(bootstrap_separate(f"{SEPARATE}-seen", cfg, resolve("embedded", "teacher"))))
 
 
 def run_name(method: str, lr: str, seed: int) -> str:
@@ -352,8 +366,9 @@ def main() -> None:
     e.add_argument("--run-dir", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--threads", type=int, default=1)
+    sub.add_parser("build-seen", help=f"build the separate-seen testbed into {SEPARATE}-seen")
     args = ap.parse_args()
-    {"run": cmd_run, "table": cmd_table, "expo-curve": cmd_expo_curve}[args.cmd](args)
+    {"run": cmd_run, "table": cmd_table, "expo-curve": cmd_expo_curve, "build-seen": cmd_build_seen}[args.cmd](args)
 
 
 if __name__ == "__main__":

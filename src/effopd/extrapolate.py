@@ -95,8 +95,8 @@ EXACT_SVD_MAX = 1024
 def top_component(delta: torch.Tensor) -> torch.Tensor:
     """σ1·u1·v1ᵀ of a 2-D tensor: by a full SVD when it is small, else by ``torch.svd_lowrank``
     (8 columns, 4 power iterations) under a fixed seed of its own, so it is deterministic and
-    leaves the caller's random stream untouched. A 2048 x 6144 update takes milliseconds this way
-    instead of seconds."""
+    leaves the caller's random stream untouched. On a 2048 x 6144 tensor this took 2.2 s against
+    40 s for the full SVD (one CPU thread, machine shared with other runs)."""
     if min(delta.shape) <= EXACT_SVD_MAX:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         return torch.outer(u[:, 0] * s[0], vh[0])
