@@ -331,8 +331,8 @@ def cmd_table(args) -> None:
                     cells.append(f"{ratio:.2f}x (lr {b[1]:g}; {spread})")
             print(f"| {m} | " + " | ".join(cells) + " |")
 
-    plains = groups_regime = [r for r in recs if r["method"] == "plain" and "regime" in r]
-    if groups_regime:
+    plains = [r for r in recs if r["method"] == "plain" and "regime" in r]
+    if plains:
         print("\nRegime of the plain runs (median over modules, at the last checkpoint; |cos| between the top update direction "
               "at ~10% of training and at the end), mean over seeds:\n")
         print("| lr | update/weight | effective rank fraction | early/late abs cos |")
