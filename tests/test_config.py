@@ -22,7 +22,7 @@ def test_unknown_key_suggests_closest():
     "override, key",
     [("optim.lr=-1e-5", "optim.lr"), ("rollout.temperature=0", "rollout.temperature"), ("loss.lam=-0.5", "loss.lam"),
      ("loss.method=ppo", "loss.method"), ("loss.aggregation=sum", "loss.aggregation"), ("loss.dual_clip_c=1.0", "loss.dual_clip_c"),
-     ("train.steps=0", "train.steps"), ("rollout.top_p=1.5", "rollout.top_p")],
+     ("train.steps=0", "train.steps"), ("rollout.top_p=1.5", "rollout.top_p"), ("rollout.backend=vllm", "rollout.backend")],
 )
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

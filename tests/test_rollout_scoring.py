@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from effopd.rollout import eos_ids, generate, response_mask
+from effopd.rollout import ENGINES, eos_ids, generate, response_mask, top_p_filter
 from effopd.scoring import score, token_logprobs
 from effopd.utils import isolated_rng
 
@@ -14,9 +14,10 @@ def test_response_mask_includes_first_eos_only():
     assert response_mask(ids, eos_token_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
-def test_generate_shapes_masks_and_texts(tiny_student):
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_generate_shapes_masks_and_texts(tiny_student, backend):
     tok, model = tiny_student
-    ro = generate(model, tok, PROMPTS, max_new_tokens=12, keep_logprobs=True)
+    ro = generate(model, tok, PROMPTS, max_new_tokens=12, keep_logprobs=True, backend=backend)
     B, T = ro.response_ids_BT.shape
     assert B == 4 and T <= 12 and ro.logp_BT.shape == (B, T)
     assert (ro.logp_BT <= 0).all() and (ro.logp_BT[ro.response_mask_BT == 1] < 0).all()
@@ -27,12 +28,13 @@ def test_generate_shapes_masks_and_texts(tiny_student):
     assert ro.prompt_ids_BP[0, 0] == tok.pad_token_id  # short prompt is left-padded
 
 
-def test_scoring_matches_sampling_logprobs(tiny_student):
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_scoring_matches_sampling_logprobs(tiny_student, backend):
     """The trainer's forward pass must see exactly what the sampler saw: same positions despite
     left padding, same next-token distribution."""
     tok, model = tiny_student
     for temperature in (1.0, 0.7):
-        ro = generate(model, tok, PROMPTS * 3, max_new_tokens=10, temperature=temperature, keep_logprobs=True)
+        ro = generate(model, tok, PROMPTS * 3, max_new_tokens=10, temperature=temperature, keep_logprobs=True, backend=backend)
         logp = score(model, ro, temperature=temperature)
         torch.testing.assert_close(logp, ro.logp_BT, atol=1e-4, rtol=0)
 
@@ -48,10 +50,11 @@ def test_chunked_scoring_equals_unchunked_and_grad_flows(tiny_student):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_batched_generation_equals_one_batch_greedy(tiny_student):
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_batched_generation_equals_one_batch_greedy(tiny_student, backend):
     tok, model = tiny_student
-    a = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True)
-    b = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, batch_size=3)
+    a = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, backend=backend)
+    b = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, batch_size=3, backend=backend)
     assert a.texts == b.texts
 
 
@@ -92,22 +95,40 @@ def test_eos_ids_unites_the_generation_config_and_the_tokenizer(tiny_student):
     assert eos_ids(model, tok) == [tok.eos_token_id]
 
 
-def force_tokens(model, plan: list[list[int]]):
-    """Make greedy decoding emit ``plan[b][step]`` in row b (a forward hook on the LM head that
-    replaces the logits of the last position); returns the hook handle."""
-    step = {"n": 0}
+class force_tokens:
+    """Make greedy decoding emit ``plan[b][step]`` for ``prompts[b]``, as a context manager: a
+    forward hook on the LM head replaces the logits of the last position. A row is told by its
+    prompt's length (the position of its last input token + 1, less the steps taken), so the plan
+    holds when an engine drops finished rows from the batch."""
 
-    def hook(module, args, out):
-        forced = torch.full_like(out, -1e4)
-        for b, row in enumerate(plan):
-            forced[b, -1, row[min(step["n"], len(row) - 1)]] = 1e4
-        step["n"] += 1
-        return forced
+    def __init__(self, model, tok, prompts: list[str], plan: list[list[int]]):
+        self.model, self.plan, self.step, self.seen = model, plan, 0, None
+        self.lengths = [len(tok(p)["input_ids"]) for p in prompts]
+        assert len(set(self.lengths)) == len(prompts), "the prompts must differ in length"
 
-    return model.get_output_embeddings().register_forward_hook(hook)
+    def __enter__(self):
+        def remember(module, args, kwargs):
+            self.seen = kwargs["position_ids"][:, -1] + 1  # real tokens so far, left padding excluded
+
+        def force(module, args, out):
+            forced = torch.full_like(out, -1e4)
+            for i, n in enumerate((self.seen - self.step).tolist()):
+                row = self.plan[self.lengths.index(n)]
+                forced[i, -1, row[min(self.step, len(row) - 1)]] = 1e4
+            self.step += 1
+            return forced
+
+        self.handles = [self.model.register_forward_pre_hook(remember, with_kwargs=True),
+                        self.model.get_output_embeddings().register_forward_hook(force)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
 
 
-def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student):
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student, backend):
     """A model whose generation_config lists two EOS ids: one row ends with the tokenizer's EOS,
     one with the other id, one with the other id after 3 tokens; generation stops when all rows
     have ended (T = 4 < max_new_tokens), and each response ends at its EOS in mask and text."""
@@ -116,11 +137,8 @@ def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student):
     other = tok.convert_tokens_to_ids("7")
     E = tok.eos_token_id
     model.generation_config.eos_token_id = [E, other]
-    handle = force_tokens(model, [[a, E, b, b, b, b], [a, b, c, other, b, b], [other, a, a, a, a, a]])
-    try:
-        ro = generate(model, tok, PROMPTS[:3], max_new_tokens=8, greedy=True)
-    finally:
-        handle.remove()
+    with force_tokens(model, tok, PROMPTS[:3], [[a, E, b, b, b, b], [a, b, c, other, b, b], [other, a, a, a, a, a]]):
+        ro = generate(model, tok, PROMPTS[:3], max_new_tokens=8, greedy=True, backend=backend)
     assert ro.response_ids_BT.shape[1] == 4  # stopped when every row had ended, not at 8 tokens
     assert ro.response_mask_BT.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ro.response_ids_BT.tolist() == [[a, E, tok.pad_token_id, tok.pad_token_id], [a, b, c, other],
@@ -128,14 +146,12 @@ def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student):
     assert ro.texts == ["1", "123", ""]
 
 
-def test_explicit_eos_token_ids_replace_the_default(tiny_student):
+@pytest.mark.parametrize("backend", sorted(ENGINES))
+def test_explicit_eos_token_ids_replace_the_default(tiny_student, backend):
     tok, model = tiny_student
     a, b = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
-    handle = force_tokens(model, [[a, b, a, a, a, a]])
-    try:
-        ro = generate(model, tok, PROMPTS[:1], max_new_tokens=6, greedy=True, eos_token_ids=[b])
-    finally:
-        handle.remove()
+    with force_tokens(model, tok, PROMPTS[:1], [[a, b, a, a, a, a]]):
+        ro = generate(model, tok, PROMPTS[:1], max_new_tokens=6, greedy=True, eos_token_ids=[b], backend=backend)
     assert ro.response_ids_BT.tolist() == [[a, b]] and ro.texts == ["1"]
 
 
@@ -163,7 +179,7 @@ def spy_generate(monkeypatch, model, force_logits: bool = False) -> list[dict]:
 def test_without_keep_logprobs_no_logits_are_kept_and_logp_is_zero(tiny_student, monkeypatch):
     tok, model = tiny_student
     calls = spy_generate(monkeypatch, model)
-    ro = generate(model, tok, PROMPTS * 2, max_new_tokens=8, batch_size=3)
+    ro = generate(model, tok, PROMPTS * 2, max_new_tokens=8, batch_size=3, backend="hf")
     assert len(calls) == 3
     for call in calls:
         cfg = call["config"]
@@ -180,7 +196,7 @@ def test_keep_logprobs_equals_the_full_logits_reference(tiny_student, monkeypatc
     calls = spy_generate(monkeypatch, model, force_logits=True)
     torch.manual_seed(0)
     ro = generate(model, tok, PROMPTS * 2, max_new_tokens=10, temperature=temperature, top_p=top_p, greedy=greedy,
-                  keep_logprobs=True)
+                  keep_logprobs=True, backend="hf")
     (call,) = calls
     assert call["config"].output_logits is False  # effopd asked for none; the spy added them
     logits = torch.stack(call["logits"], 1).float() / (1.0 if greedy else temperature)
@@ -194,9 +210,9 @@ def test_sampling_ignores_the_models_generation_config_top_k(tiny_student):
     trainer scores. With top_k=1 filled in, every sample would be the greedy response."""
     tok, model = tiny_student
     model.generation_config.top_k = 1
-    greedy = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True).texts
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, backend="hf").texts
     with isolated_rng(0):
-        sampled = [generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0).texts for _ in range(3)]
+        sampled = [generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0, backend="hf").texts for _ in range(3)]
     assert any(s != greedy for s in sampled)
 
 
@@ -221,3 +237,73 @@ def test_length_bucketed_scoring_equals_the_padded_batch(tiny_student):
     torch.testing.assert_close(score(model, short), padded[[0, 2], : short.response_ids_BT.shape[1]], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="buckets=0 must be a positive integer"):
         score(model, ro, buckets=0)
+
+
+# ---- the lean engine -------------------------------------------------------------------------------
+
+
+def test_lean_greedy_decoding_equals_generate(tiny_student):
+    """Rows that end early leave the lean engine's batch; the others' tokens are those of HF
+    ``generate``, and so are every row's ids, mask and text."""
+    tok, model = tiny_student
+    prompts = PROMPTS * 3 + ["7+7=", "100-99+1="]
+    a = generate(model, tok, prompts, max_new_tokens=16, greedy=True, backend="hf")
+    b = generate(model, tok, prompts, max_new_tokens=16, greedy=True, backend="lean")
+    assert torch.equal(a.response_ids_BT, b.response_ids_BT) and torch.equal(a.response_mask_BT, b.response_mask_BT)
+    assert a.texts == b.texts
+
+
+def test_lean_engine_drops_rows_as_they_end(tiny_student):
+    """Each decode step runs only the rows still going: one row ends at its first token, one at
+    its second, so the forwards see 3, 2, 1, 1 rows (HF generate keeps all 3 to the end)."""
+    tok, model = tiny_student
+    a, b, c = (tok.convert_tokens_to_ids(x) for x in ("1", "2", "3"))
+    E = tok.eos_token_id
+    rows: list[int] = []
+    seen = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with force_tokens(model, tok, PROMPTS[:3], [[a, E], [a, b, c, E], [E]]):
+            ro = generate(model, tok, PROMPTS[:3], max_new_tokens=8, greedy=True, backend="lean")
+    finally:
+        seen.remove()
+    assert rows == [3, 2, 1, 1]
+    assert ro.response_mask_BT.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]] and ro.texts == ["1", "123", ""]
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.6, 0.9, 0.999, 1.0])
+def test_top_p_filter_keeps_the_smallest_nucleus(top_p):
+    """Against a per-row reference: the kept tokens are the most likely ones up to and including
+    the one whose cumulative probability first reaches top_p; their logits are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g) * 2
+    out = top_p_filter(logits, top_p)
+    for row, kept in zip(logits, out):
+        probs = row.softmax(-1).tolist()
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])
+        total, nucleus = 0.0, set()
+        for i in order:
+            nucleus.add(i)
+            total += probs[i]
+            if total >= top_p:
+                break
+        assert {i for i in range(len(probs)) if kept[i] > float("-inf")} == nucleus
+        assert torch.equal(kept[sorted(nucleus)], row[sorted(nucleus)])
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_lean_sampling_draws_what_generate_draws_while_no_row_has_ended(tiny_student, temperature, top_p):
+    """Same seed, same distribution, so the same first tokens as HF ``generate`` (before any row
+    ends and leaves the lean batch, the two consume the random stream alike)."""
+    tok, model = tiny_student
+    draws = []
+    for backend in ("hf", "lean"):
+        with isolated_rng(4):
+            draws.append(generate(model, tok, PROMPTS * 6, max_new_tokens=1, temperature=temperature, top_p=top_p,
+                                  backend=backend).response_ids_BT)
+    assert len(set(draws[0][:, 0].tolist())) > 1 and torch.equal(draws[0], draws[1])
+
+
+def test_an_unknown_backend_is_refused_with_the_choices(tiny_student):
+    tok, model = tiny_student
+    with pytest.raises(ValueError, match=r"rollout.backend='vllm' is not one of \['hf', 'lean'\]"):
+        generate(model, tok, PROMPTS, max_new_tokens=4, backend="vllm")

@@ -109,11 +109,15 @@ class RolloutConfig:
     max_new_tokens: int = 48
     generation_batch_size: int | None = None
     """Prompts per `generate` call when sampling the batch (and EffOPD's validation); null = all at once."""
+    backend: str = "lean"
+    """The sampling engine (training, EffOPD's validation and evaluation): lean (a decode loop
+    that drops finished rows) or hf (Hugging Face generate). Both sample the same distribution."""
 
     def __post_init__(self):
         _require(self.generation_batch_size is None or self.generation_batch_size > 0, "rollout.generation_batch_size",
                  self.generation_batch_size, "must be > 0 or null")
         _require(self.batch_size > 0, "rollout.batch_size", self.batch_size, "must be > 0")
+        _require(self.backend in ("lean", "hf"), "rollout.backend", self.backend, "must be lean or hf")
         _require(self.n > 0, "rollout.n", self.n, "must be > 0")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 for sampling")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")

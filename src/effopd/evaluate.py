@@ -107,6 +107,7 @@ def evaluation_records(
     top_p: float = 1.0,
     batch_size: int = 256,
     seed: int = 1234,
+    backend: str | None = None,
 ) -> list[dict]:
     """``model``'s responses to ``examples``, one dict per response (prompt, answer, response,
     correct, length), ``samples`` consecutive ones per prompt (greedy decoding repeats itself, so
@@ -123,7 +124,7 @@ def evaluation_records(
     with isolated_rng(seed):
         ro = generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, greedy=greedy, batch_size=batch_size,
+            top_p=top_p, greedy=greedy, batch_size=batch_size, backend=backend,
         )
     lengths = ro.lengths_B.tolist()
     records = []

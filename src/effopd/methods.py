@@ -142,7 +142,7 @@ def _sample(cfg, models: Models, model, examples) -> Rollout:
     r = cfg.rollout
     # several teachers: the sampler's logprobs give each teacher's reverse KL (train/reverse_kl/NAME)
     return generate(model, models.tokenizer, [e.prompt for e in examples], max_new_tokens=r.max_new_tokens,
-                    temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
+                    temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size, backend=r.backend,
                     keep_logprobs=cfg.loss.rollout_is or isinstance(models.teacher, Routed))
 
 

@@ -1,22 +1,24 @@
-"""Sampling responses from the student with Hugging Face ``generate`` (KV cache on).
+"""Sampling responses from the student: a lean decode loop (the default) or Hugging Face
+``generate``, both with a KV cache, behind one engine interface (:class:`RolloutEngine`).
 
 Returns everything later stages need as padded tensors: left-padded prompts, right-padded
 responses, the response mask (real tokens up to and including the first end-of-sequence token,
 any of the model's EOS ids) and, on request (``keep_logprobs``), the sampling engine's own
 per-token logprobs ``logp_BT`` (under the temperature-scaled distribution it sampled from).
 
-Generation keeps only what the loss needs: ``generate`` is never asked for its per-step logits
-(a (B, T, V) float32 stack); with ``keep_logprobs`` each step's logits are reduced to the
-sampled token's logprob as they are produced.
+Generation keeps only what the loss needs: no engine keeps per-step logits (a (B, T, V) float32
+stack); with ``keep_logprobs`` each step's logits are reduced to the sampled token's logprob as
+they are produced.
 """
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -132,6 +134,7 @@ def generate(
     batch_size: int | None = None,
     eos_token_ids: int | list[int] | None = None,
     keep_logprobs: bool = False,
+    backend: str | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for n > 1), ``batch_size`` prompts per
     ``generate`` call (None: all at once). Randomness comes from the global torch generator:
@@ -147,25 +150,70 @@ def generate(
 
     Sampling uses exactly ``temperature`` and ``top_p``: the model's own generation-config
     sampling defaults (Qwen3 ships top_k=20, temperature=0.6, top_p=0.95) are overridden, so the
-    sampled distribution is the one the trainer scores."""
+    sampled distribution is the one the trainer scores.
+
+    ``backend`` names the engine in :data:`ENGINES` (None: :data:`DEFAULT_BACKEND`)."""
     if not prompts:
         raise ValueError("generate: got no prompts; pass at least one prompt string")
     if not greedy and not (isinstance(temperature, numbers.Real) and temperature > 0):
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}; use greedy decoding instead")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
         raise ValueError(f"generate: batch_size={batch_size!r} must be a positive integer (prompts per generate call) or None for all")
+    backend = DEFAULT_BACKEND if backend is None else backend
     eos = eos_ids(model, tokenizer) if eos_token_ids is None else _id_list(eos_token_ids, "eos_token_ids")
     batch_size = batch_size or len(prompts)
     parts = [
-        _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs)
+        _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs,
+                        backend)
         for i in range(0, len(prompts), batch_size)
     ]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs) -> Rollout:
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs, backend) -> Rollout:
+    if backend not in ENGINES:
+        raise ValueError(f"rollout.backend={backend!r} is not one of {sorted(ENGINES)}; pick one (lean is the faster on CPU)")
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        response_ids_BT, logp_BT = ENGINES[backend](
+            model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, greedy=greedy, eos=eos, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
+            keep_logprobs=keep_logprobs)
+    finally:
+        model.train(was_training)
+    mask_BT = response_mask(response_ids_BT, eos)
+    if logp_BT is not None:
+        logp_BT = torch.where(mask_BT.bool(), logp_BT, 0.0)
+    else:
+        logp_BT = torch.zeros(response_ids_BT.shape, dtype=torch.float32, device=device)
+    response_ids_BT = torch.where(mask_BT.bool(), response_ids_BT, tokenizer.pad_token_id)
+    # The text is what precedes the end-of-sequence token, whichever EOS id it is (a special token or not).
+    before_eos_BT = mask_BT.bool() & ~torch.isin(response_ids_BT, torch.tensor(eos, device=response_ids_BT.device))
+    texts = tokenizer.batch_decode(torch.where(before_eos_BT, response_ids_BT, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(enc["input_ids"], enc["attention_mask"], response_ids_BT, mask_BT, logp_BT, texts)
+
+
+# ---- engines -------------------------------------------------------------------------------
+
+
+class RolloutEngine(Protocol):
+    """Decodes one batch of left-padded prompts. Returns the (B, T) response ids (T = the steps
+    decoded; anything after a row's first EOS is ignored) and, when ``keep_logprobs``, the (B, T)
+    logprobs of the sampled tokens under softmax(logits / temperature) before top-p truncation
+    (softmax(logits) when greedy), else None. Randomness comes from the global torch generator."""
+
+    def __call__(self, model: PreTrainedModel, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *,
+                 max_new_tokens: int, temperature: float, top_p: float, greedy: bool, eos: list[int], pad_id: int,
+                 bos_id: int | None, keep_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+def hf_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, temperature, top_p, greedy, eos, pad_id, bos_id,
+              keep_logprobs):
+    """Hugging Face ``generate`` with its KV cache; finished rows keep decoding pad tokens until
+    every row has ended."""
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
@@ -175,9 +223,9 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         # generation_config, e.g. Qwen3's top_k=20, which would truncate the distribution sampled.
         top_k=0,
         repetition_penalty=1.0,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_id,
         eos_token_id=eos,
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=bos_id,
         # Only the token ids come back: no per-step logits or scores, and no KV cache held
         # beyond the call (a returned output object would keep it alive).
         return_dict_in_generate=False,
@@ -187,24 +235,101 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
     )
     recorder = _SampledLogprobs(1.0 if greedy else temperature) if keep_logprobs else None
     extra = {"logits_processor": LogitsProcessorList([recorder])} if recorder is not None else {}
-    was_training = model.training
-    model.eval()
-    try:
-        sequences = model.generate(**enc, generation_config=gen_cfg, **extra)
-    finally:
-        model.train(was_training)
-    P = enc["input_ids"].shape[1]
-    response_ids_BT = sequences[:, P:]
-    mask_BT = response_mask(response_ids_BT, eos)
-    if recorder is not None:
-        logp_BT = torch.where(mask_BT.bool(), recorder.logprobs(response_ids_BT), 0.0)
+    sequences = model.generate(input_ids=input_ids_BP, attention_mask=attention_mask_BP, generation_config=gen_cfg, **extra)
+    response_ids_BT = sequences[:, input_ids_BP.shape[1]:]
+    return response_ids_BT, (recorder.logprobs(response_ids_BT) if recorder is not None else None)
+
+
+def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits_BV`` with -inf outside the nucleus: the most likely tokens whose probabilities,
+    taken in decreasing order, sum to ``top_p`` (the token that crosses it included, so at least one)."""
+    if top_p >= 1.0:
+        return logits_BV
+    sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+    probs_BV = sorted_BV.softmax(dim=-1)
+    outside_BV = probs_BV.cumsum(dim=-1) - probs_BV > top_p  # the mass before the token already exceeds top_p
+    return logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(outside_BV, float("-inf")))
+
+
+def _next_token(logits_BV, temperature, top_p, greedy, keep_logprobs):
+    """The next token of each row and, when asked, its logprob under softmax(logits / temperature)."""
+    logits_BV = logits_BV.float()
+    if greedy:
+        tok_B = logits_BV.argmax(dim=-1)
     else:
-        logp_BT = torch.zeros(response_ids_BT.shape, dtype=torch.float32, device=device)
-    response_ids_BT = torch.where(mask_BT.bool(), response_ids_BT, tokenizer.pad_token_id)
-    # The text is what precedes the end-of-sequence token, whichever EOS id it is (a special token or not).
-    before_eos_BT = mask_BT.bool() & ~torch.isin(response_ids_BT, torch.tensor(eos, device=response_ids_BT.device))
-    texts = tokenizer.batch_decode(torch.where(before_eos_BT, response_ids_BT, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(enc["input_ids"], enc["attention_mask"], response_ids_BT, mask_BT, logp_BT, texts)
+        if temperature != 1.0:
+            logits_BV = logits_BV / temperature
+        probs_BV = top_p_filter(logits_BV, top_p).softmax(dim=-1)
+        tok_B = torch.multinomial(probs_BV, num_samples=1).squeeze(-1)
+    if not keep_logprobs:
+        return tok_B, None
+    return tok_B, torch.log_softmax(logits_BV, dim=-1).gather(-1, tok_B[:, None]).squeeze(-1)
+
+
+def _synced(model) -> bool:
+    """Whether every process must run the same forwards (a model sharded across processes)."""
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1 and is_fsdp_managed_module(model)
+
+
+def _any_process(flag: torch.Tensor) -> bool:
+    flag = flag.to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, temperature, top_p, greedy, eos, pad_id, bos_id,
+                keep_logprobs):
+    """A decode loop that does only what the trainer needs: one forward of the last position per
+    step (the prefill computes the logits of the last prompt token only), the sampled token and
+    its logprob, and rows leave the batch, cache included, as soon as they end, so later steps
+    decode only the rows still running. A model sharded across processes gathers its weights in
+    every forward, so there every process goes on (with one placeholder row once its own rows
+    have ended) until all have ended."""
+    B, device = input_ids_BP.shape[0], input_ids_BP.device
+    synced = _synced(model)
+    ids_BT = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp_BT = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if keep_logprobs else None
+    eos_E = torch.tensor(eos, device=device)
+    rows_R = torch.arange(B, device=device)  # the batch row of each row in the decode batch
+    live_R = torch.ones(B, dtype=torch.bool, device=device)  # False: ended (kept only as a placeholder)
+    cache = DynamicCache(config=model.config)
+    mask_RS = attention_mask_BP
+    pos_RS = (mask_RS.cumsum(-1) - 1).clamp(min=0)
+    logits_RV = model(input_ids=input_ids_BP, attention_mask=mask_RS, position_ids=pos_RS, cache=cache, use_cache=True,
+                      logits_to_keep=1).logits[:, -1]
+    pos_R1 = pos_RS[:, -1:]
+    steps = 0
+    for t in range(max_new_tokens):
+        tok_R, lp_R = _next_token(logits_RV, temperature, top_p, greedy, keep_logprobs)
+        ids_BT[rows_R[live_R], t] = tok_R[live_R]
+        if lp_R is not None:
+            logp_BT[rows_R[live_R], t] = lp_R[live_R]
+        steps = t + 1
+        live_R = live_R & ~torch.isin(tok_R, eos_E)
+        going = _any_process(live_R.any()) if synced else bool(live_R.any())
+        if steps == max_new_tokens or not going:
+            break
+        if not live_R.all():  # drop the rows that ended, from the cache too
+            keep = live_R.nonzero().squeeze(-1)
+            if keep.numel() == 0:  # only another process's rows go on: one placeholder row keeps this one in step
+                keep = torch.zeros(1, dtype=torch.long, device=device)
+            cache.batch_select_indices(keep)
+            rows_R, live_R, tok_R, mask_RS, pos_R1 = rows_R[keep], live_R[keep], tok_R[keep], mask_RS[keep], pos_R1[keep]
+        mask_RS = torch.cat([mask_RS, mask_RS.new_ones(len(rows_R), 1)], dim=1)
+        pos_R1 = pos_R1 + 1
+        logits_RV = model(input_ids=tok_R[:, None], attention_mask=mask_RS, position_ids=pos_R1, cache=cache,
+                          use_cache=True).logits[:, -1]
+    return ids_BT[:, :steps], (logp_BT[:, :steps] if logp_BT is not None else None)
+
+
+#: ``rollout.backend`` -> engine. A new backend (a vLLM client, say) is one more entry here.
+ENGINES: dict[str, RolloutEngine] = {"hf": hf_engine, "lean": lean_engine}
+#: The engine used when none is named: ``lean`` samples the same distribution as ``generate``
+#: (greedy decoding gives the same tokens) in fewer operations per step.
+DEFAULT_BACKEND = "lean"
 
 
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:

@@ -237,7 +237,7 @@ def evaluate_step(cfg: Config, accelerator, model, tokenizer, examples, run_dir:
     n = 1 if e.greedy else e.samples
     records = evaluation_records(
         model, tokenizer, mine, max_new_tokens=e.max_new_tokens, samples=e.samples, greedy=e.greedy,
-        temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed,
+        temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=e.seed, backend=cfg.rollout.backend,
     )[: real * n]
     records = gather_list(accelerator, records)
     if accelerator.is_main_process:
@@ -395,6 +395,7 @@ def prompt_scores(cfg: Config, model, models: Models, examples: list, seed: int)
         model, models.tokenizer, examples, seed=seed, max_new_tokens=r.max_new_tokens, score=x.score, teacher=models.teacher,
         samples=x.val_samples, greedy=x.val_greedy, temperature=r.temperature, top_p=r.top_p, batch_size=r.generation_batch_size,
         score_chunk_size=cfg.train.score_chunk_size, logit_chunk=cfg.train.logit_chunk, score_buckets=cfg.train.score_buckets,
+        backend=r.backend,
     )
 
 

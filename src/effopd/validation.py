@@ -59,7 +59,7 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
                   score: str | Callable[[list[str], list], Sequence[float]] = "reward",
                   teacher=None, samples: int = 1, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   batch_size: int | None = None, score_chunk_size: int | None = None, score_buckets: int = 1,
-                  logit_chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
+                  logit_chunk: int = CHUNK_POSITIONS, backend: str | None = None) -> torch.Tensor:
     """One score per example (float32, ``(len(examples),)``): the mean over its ``samples``
     responses (one when ``greedy``), drawn from their own generator seeded with ``seed``, of the
     verifiable reward against ``example.answer`` (``score="reward"``), of ``teacher``'s mean
@@ -79,7 +79,7 @@ def prompt_scores(model, tokenizer, examples: list, *, seed: int, max_new_tokens
     prompts = [e.prompt for e in examples for _ in range(k)]
     with isolated_rng(seed):
         ro = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      greedy=greedy, batch_size=batch_size)
+                      greedy=greedy, batch_size=batch_size, backend=backend)
     if callable(score):
         per_sample = torch.tensor([float(v) for v in _checked(score(ro.texts, [examples[i // k] for i in range(len(prompts))]),
                                                                len(prompts))])
