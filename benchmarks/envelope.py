@@ -48,6 +48,8 @@ TARGETS = (0.5, 0.8, 0.9, 0.92, 0.94)
 #: Steps at which the post-hoc baseline is evaluated (each costs a search and a test evaluation).
 EXPO_STEPS = (2, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40)
 SEEDS = (10, 11, 12)
+#: The sampling engine of every run (the one the first grids were recorded with).
+BACKEND = "hf"
 
 EFFOPD = ["extrapolate.enabled=true"]
 BEST, PAIRED = ["extrapolate.accept=best", "extrapolate.margin=0"], ["extrapolate.accept=paired", "extrapolate.margin=1"]
@@ -88,7 +90,8 @@ def run_name(method: str, lr: str, seed: int) -> str:
 
 
 def common(args) -> list[str]:
-    return [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}"]
+    return [f"train.steps={args.steps}", f"train.eval_every={args.eval_every}", f"train.save_every={args.steps}",
+            f"rollout.backend={BACKEND}"]
 
 
 def reduce_run(run_dir: Path) -> dict:
@@ -228,10 +231,11 @@ def cmd_expo_curve(args) -> None:
                 raise SystemExit(f"{path}: weights do not match the student ({unexpected[:3]} {missing[:3]})")
             t0 = time.time()
             rec = ctl.search(step, validation_scorer(lambda ex: prompt_scores(
-                model, tok, ex, seed=x.val_seed + len(ctl.history), max_new_tokens=cfg.rollout.max_new_tokens), val))
+                model, tok, ex, seed=x.val_seed + len(ctl.history), max_new_tokens=cfg.rollout.max_new_tokens,
+                backend=BACKEND), val))
             extra += time.time() - t0
             base["searches"].append({"step": step, "accepted_c": rec.accepted_c, "s0": rec.s0, "best": rec.best})
-        acc = evaluate_model(model, tok, test, max_new_tokens=cfg.eval.max_new_tokens)["accuracy"]
+        acc = evaluate_model(model, tok, test, max_new_tokens=cfg.eval.max_new_tokens, backend=BACKEND)["accuracy"]
         base["curve"][step] = acc
         base["wall"][step] = round(plain["wall"].get(step, 0.0) + extra, 3)
     out = Path(args.out)
