@@ -5,9 +5,10 @@
 Both train the shipped embedded student against the shipped teacher (fp32, CPU, 2 torch threads,
 no gradient checkpointing, no evaluation or checkpoints): on-policy, reverse KL (TRL ``beta=1``),
 one completion per prompt, at most 48 new tokens, temperature 1, lr 1e-4, ``--steps`` steps.
-effopd runs with its defaults otherwise (``train.score_buckets=2``, ``train.update_buckets=2``).
-Runs alternate TRL / effopd, ``--repeats`` times per batch size; each run's first two steps are
-dropped and its median step time kept. A step is timed from its start to its end: sampling,
+effopd runs with its defaults otherwise (``train.score_buckets=2``, ``train.update_buckets=2``),
+once per sampling engine in ``--backends`` (``rollout.backend``: ``lean``, the default, and ``hf``).
+Runs alternate TRL / effopd (each backend), ``--repeats`` times per batch size; each run's first
+two steps are dropped and its median step time kept. A step is timed from its start to its end: sampling,
 teacher scoring and the update (TRL: ``on_step_begin`` to ``on_step_end``; effopd: ``time/step``).
 """
 
@@ -59,11 +60,12 @@ def trl_run(batch: int, steps: int) -> float:
     return statistics.median(times[2:])
 
 
-def effopd_run(batch: int, steps: int) -> float:
+def effopd_run(batch: int, steps: int, backend: str) -> float:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "effopd.cli", "train", "--run-dir", f"{d}/run", "--no-progress", f"train.steps={steps}",
                "train.eval_every=0", f"train.save_every={steps}", "data.eval_limit=8", f"rollout.batch_size={batch}",
-               "rollout.n=1", "rollout.max_new_tokens=48", "optim.lr=1e-4", "train.mixed_precision=no", "train.device=cpu"]
+               "rollout.n=1", "rollout.max_new_tokens=48", "optim.lr=1e-4", "train.mixed_precision=no", "train.device=cpu",
+               f"rollout.backend={backend}"]
         subprocess.run(cmd, check=True, env=ENV, capture_output=True)
         rows = [json.loads(x) for x in Path(f"{d}/run/metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["time/step"] for r in rows if "time/step" in r and r["step"] > 2)
@@ -75,27 +77,32 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backends", nargs="+", default=["lean", "hf"], choices=["lean", "hf"],
+                    help="effopd's sampling engines to time (the first is the headline)")
     ap.add_argument("--one", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.one == "trl":  # a TRL run in its own process, like effopd's
         print(json.dumps(trl_run(ns.batch, ns.steps)))
         return
-    result = {"machine": f"{os.cpu_count()} CPUs, 2 torch threads", "steps": ns.steps, "runs": {}}
+    result = {"machine": f"{os.cpu_count()} CPUs, 2 torch threads", "steps": ns.steps, "backends": ns.backends, "runs": {}}
     for b in ns.batches:
         pairs = []
         for _ in range(ns.repeats):
             out = subprocess.run([sys.executable, __file__, "--out", "-", "--one", "trl", "--batch", str(b),
                                   "--steps", str(ns.steps)], check=True, env=ENV, capture_output=True, text=True)
             t = json.loads(out.stdout.strip().splitlines()[-1])
-            e = effopd_run(b, ns.steps)
-            pairs.append({"trl": t, "effopd": e, "ratio": t / e})
-            print(f"batch {b}: TRL {t:.3f} s/step, effopd {e:.3f} s/step, TRL / effopd {t / e:.2f}", flush=True)
-        result["runs"][b] = {"pairs": pairs, "trl_median": statistics.median(p["trl"] for p in pairs),
-                             "effopd_median": statistics.median(p["effopd"] for p in pairs),
-                             "ratio_of_medians": statistics.median(p["trl"] for p in pairs)
-                             / statistics.median(p["effopd"] for p in pairs),
-                             "ratio_range": [min(p["ratio"] for p in pairs), max(p["ratio"] for p in pairs)]}
+            pair = {"trl": t}
+            for be in ns.backends:
+                pair[be] = effopd_run(b, ns.steps, be)
+            pairs.append(pair)
+            print(f"batch {b}: TRL {t:.3f} s/step, " + ", ".join(f"effopd {be} {pair[be]:.3f} s/step (TRL / it "
+                  f"{t / pair[be]:.2f})" for be in ns.backends), flush=True)
+        med = {k: statistics.median(p[k] for p in pairs) for k in ["trl", *ns.backends]}
+        result["runs"][b] = {"pairs": pairs, "medians": med,
+                             "trl_over": {be: med["trl"] / med[be] for be in ns.backends},
+                             "trl_over_range": {be: [min(p["trl"] / p[be] for p in pairs), max(p["trl"] / p[be] for p in pairs)]
+                                                for be in ns.backends}}
     ns.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({b: {k: v for k, v in r.items() if k != "pairs"} for b, r in result["runs"].items()}, indent=1))
 
