@@ -236,3 +236,25 @@ def test_an_accelerate_fsdp_launch_is_refused_not_turned_into_ddp(tiny_models, t
     with pytest.raises(ConfigError, match="train.parallel=fsdp2"):
         train_run(tiny_overrides(tiny_models), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("backend", ["lean", "hf"])
+def test_a_sharded_student_samples_in_step_when_one_process_ends_first(tmp_path, tiny_models, backend):
+    """Process 0's rows all end at the first token, process 1's run to the limit: the sampler
+    keeps process 0 running the collective forwards until process 1 is done (else the run
+    hangs), and process 1's responses are those of the unsharded model."""
+    from effopd.models import load_tokenizer
+    from effopd.rollout import generate
+
+    out = tmp_path / "texts.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG), "--num_processes", "2",
+           "--main_process_port", str(free_port()), str(WORKER.with_name("sharded_generate_worker.py")),
+           tiny_models["student"], str(out), backend]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-15000:]
+    first, second = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
+    tok = load_tokenizer(tiny_models["student"])
+    alone = generate(load_model(tiny_models["student"], "student"), tok, ["12+3=", "45+67-8=", "9="], max_new_tokens=10,
+                     greedy=True, eos_token_ids=[len(tok) + 7], backend=backend)
+    assert first["texts"] == ["", "", ""] and second["steps"] == 10
+    assert second["texts"] == alone.texts
