@@ -146,7 +146,7 @@ def test_resume_mid_effopd_equals_uninterrupted(tiny_models, tmp_path, monkeypat
     cfg = load_config([], tiny_overrides(tiny_models, **{
         "train.steps": 4, "train.save_every": 2, "train.eval_every": 0, "extrapolate.enabled": True,
         "extrapolate.score": "teacher_logprob", "extrapolate.schedule": schedule, "extrapolate.trigger_steps": "[2,3,4]",
-        "extrapolate.val_prompts": 16, "extrapolate.val_greedy": True, "optim.lr": 0.03, "rollout.batch_size": 8,
+        "extrapolate.val_prompts": 16, "extrapolate.val_greedy": True, "optim.lr": 0.05, "rollout.batch_size": 8,
     }))
     train(cfg, tmp_path / "a", progress=False)
     _crash_in_step(monkeypatch, 3, lambda: train(cfg, tmp_path / "b", progress=False))
