@@ -268,10 +268,10 @@ def _next_token(logits_BV, temperature, top_p, greedy, keep_logprobs):
 
 def _synced(model) -> bool:
     """Whether every process must run the same forwards (a model sharded across processes)."""
-    from transformers.integrations.fsdp import is_fsdp_managed_module
+    from effopd.sharding import is_sharded
 
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1 and is_fsdp_managed_module(model)
+        torch.distributed.get_world_size() > 1 and is_sharded(model)
 
 
 def _any_process(flag: torch.Tensor) -> bool:
