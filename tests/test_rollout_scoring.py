@@ -239,6 +239,50 @@ def test_length_bucketed_scoring_equals_the_padded_batch(tiny_student):
         score(model, ro, buckets=0)
 
 
+def test_packed_scoring_equals_the_padded_batch(tiny_student):
+    """pack=True: the real tokens of several rows share a row, kept apart by their positions;
+    the logprobs are the padded batch's (to float rounding), zeros on padding, and the packed
+    rows are fewer than the batch's and no wider than its longest sequence."""
+    from effopd.scoring import packing
+
+    tok, model = tiny_student
+    prompts = ["1+2=", "10+20+30-5=", "3=", "45-12+7=", "99-1=", "2+2+2+2+2="] * 2
+    with isolated_rng(4):
+        ro = generate(model, tok, prompts, max_new_tokens=14)
+    assert len(set(ro.lengths_B.tolist())) > 2
+    ids_NC, pos_NC, index_BT = packing(ro)
+    lengths_B = ro.prompt_mask_BP.sum(1) + ro.response_mask_BT.sum(1)
+    assert ids_NC.shape[0] < len(prompts) and ids_NC.shape[1] == int(lengths_B.max())
+    assert int((pos_NC == 0).sum()) >= len(prompts)  # every sequence starts at position 0
+    padded = score(model, ro)
+    packed = token_logprobs(model, ro, pack=True)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert (packed[ro.response_mask_BT == 0] == 0).all()
+    for temperature in (0.7,):  # a tempered head, and a gradient
+        torch.testing.assert_close(token_logprobs(model, ro, temperature, pack=True), score(model, ro, temperature),
+                                   rtol=0, atol=1e-5)
+    ro.response_mask_BT[:] = 0  # nothing to pack: the padded path, zeros
+    assert packing(ro) is None and (token_logprobs(model, ro, pack=True) == 0).all()
+
+
+def test_packing_refuses_a_model_whose_attention_ignores_it(tiny_student, monkeypatch):
+    """The first packed forward compares packed with padded logprobs; an attention that lets
+    packed sequences see each other (here: transformers told no sequence is packed) is caught."""
+    import copy
+
+    import transformers.masking_utils as mu
+
+    tok, model = tiny_student
+    model = copy.deepcopy(model)
+    with isolated_rng(4):
+        ro = generate(model, tok, ["1+2=", "10+20+30-5=", "3=", "45-12+7="], max_new_tokens=8)
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match="does not keep packed sequences apart.*train.pack=false"):
+        token_logprobs(model, ro, pack=True)
+    monkeypatch.undo()
+    torch.testing.assert_close(token_logprobs(model, ro, pack=True), score(model, ro), rtol=0, atol=1e-5)
+
+
 # ---- the lean engine -------------------------------------------------------------------------------
 
 

@@ -226,6 +226,12 @@ class TrainConfig:
     """The update's forward/backward sorts the rows by length and runs in this many micro-batches of near-equal
     rows, each padded only to its own longest row (with train.micro_batch_size: the sorted rows cut into
     micro-batches of that size). 1 = the batch in sampled order. The same gradient to float rounding."""
+    pack: bool = False
+    """The update's forward/backward runs on packed rows: each micro-batch's real tokens only, several sequences
+    per row kept apart by their position ids (no padding computed); best with train.update_buckets=1. The same
+    gradient to float rounding. The first packed forward checks that the student's attention honours packing
+    (transformers' sdpa and eager do) and stops the run with a clear error if it does not. A sharded (FSDP)
+    student runs padded. Off by default until measured on a GPU (benchmarks/RESULTS.md, "Packed update")."""
     score_buckets: int = 2
     """Teacher and base scoring sort the rows by length and score this many groups, each padded only to its own
     longest row (1 = the padded batch as sampled). Equal to float rounding (a few 1e-6); the student's own

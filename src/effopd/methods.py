@@ -310,7 +310,8 @@ def policy_gradient(advantages: Callable) -> Callable:
     def loss(cfg, models: Models, part: Batch, denominator):
         lc, ro = cfg.loss, part.rollout
         mask_BT = ro.response_mask_BT.to(next(models.student.parameters()).device)
-        logp_BT = token_logprobs(models.student, ro, temperature=cfg.rollout.temperature, chunk_positions=cfg.train.logit_chunk)
+        logp_BT = token_logprobs(models.student, ro, temperature=cfg.rollout.temperature, chunk_positions=cfg.train.logit_chunk,
+                                 pack=cfg.train.pack)
         old_logp_BT = part.signals["old_logp_BT"].to(logp_BT.device) if "old_logp_BT" in part.signals else logp_BT.detach()
         adv_BT = advantages(part, old_logp_BT, mask_BT, cfg)
         w_BT = token_is_weight(old_logp_BT, ro.logp_BT.to(old_logp_BT.device), lc.is_cap) if lc.rollout_is else None
@@ -356,7 +357,7 @@ def gkd_loss(cfg, models: Models, part: Batch, denominator):
 
 def nll_loss(cfg, models: Models, part: Batch, denominator):
     """Cross-entropy of the batch's responses under the (untempered) student."""
-    logp_BT = token_logprobs(models.student, part.rollout, chunk_positions=cfg.train.logit_chunk)
+    logp_BT = token_logprobs(models.student, part.rollout, chunk_positions=cfg.train.logit_chunk, pack=cfg.train.pack)
     mask_BT = part.rollout.response_mask_BT.to(logp_BT.device)
     return sft_loss(logp_BT, mask_BT, agg=cfg.loss.aggregation, norm_len=cfg.rollout.max_new_tokens, denominator=denominator)
 

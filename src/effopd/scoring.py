@@ -122,7 +122,12 @@ def response_hidden_states(model, rollout: Rollout) -> torch.Tensor:
     no_grad) the decoder alone runs."""
     T = rollout.response_ids_BT.shape[1]
     ids_BL, mask_BL, pos_BL = (x.to(_device(model)) for x in _sequence(rollout))
-    inputs = {"input_ids": ids_BL, "attention_mask": mask_BL, "position_ids": pos_BL, "use_cache": False}
+    h_BLH = _final_hidden(model, {"input_ids": ids_BL, "attention_mask": mask_BL, "position_ids": pos_BL, "use_cache": False})
+    return h_BLH[:, h_BLH.shape[1] - T - 1 : h_BLH.shape[1] - 1]
+
+
+def _final_hidden(model, inputs: dict) -> torch.Tensor:
+    """The decoder's final hidden states for ``inputs`` (see :func:`response_hidden_states`)."""
     decoder = _decoder(model)
     if torch.is_grad_enabled() or _is_wrapper(model):
         captured = []
@@ -137,7 +142,77 @@ def response_hidden_states(model, rollout: Rollout) -> torch.Tensor:
         h_BLH = captured[0]
     else:
         h_BLH = _last_hidden_state(decoder(**inputs))
-    return h_BLH[:, h_BLH.shape[1] - T - 1 : h_BLH.shape[1] - 1]
+    return h_BLH
+
+
+def packing(rollout: Rollout, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The real tokens of ``rollout`` packed into as few rows as hold them: ``(ids_NC, pos_NC,
+    index_BT)``. Each row's prompt and response tokens (mask 1) stay in order and contiguous; rows
+    go into bins of ``capacity`` tokens (None: the longest row's length, so no packed row is wider
+    than the padded batch), first fit by decreasing length; the positions count
+    from 0 in each sequence, so a model whose attention follows packed ``position_ids`` (any that
+    builds its mask with transformers' masking utils, given no attention mask) keeps sequences
+    apart. Bin tails hold token 0 at position 0, each its own one-token sequence.
+    ``index_BT[b, t]``: the flat ``N * C`` position whose hidden state predicts response token
+    ``(b, t)`` (the token before it; 0 on padding). None when there is nothing to pack or some
+    response has no prompt token before it (score that batch padded)."""
+    ids_BL, mask_BL, pos_BL = _sequence(rollout)
+    real_BL = mask_BL.bool()
+    n_B = real_BL.sum(1)
+    P, resp_BT = rollout.prompt_ids_BP.shape[1], rollout.response_mask_BT.bool()
+    if not resp_BT.any() or bool((resp_BT.any(1) & ~rollout.prompt_mask_BP.bool().any(1)).any()):
+        return None
+    C = max(int(n_B.max()), capacity or 0)
+    free: list[int] = []  # room left in each bin
+    start_B = torch.zeros_like(n_B)
+    for b in torch.argsort(n_B, descending=True, stable=True).tolist():
+        n = int(n_B[b])
+        k = next((i for i, room in enumerate(free) if room >= n), len(free))
+        if k == len(free):
+            free.append(C)
+        start_B[b] = k * C + C - free[k]
+        free[k] -= n
+    dest_BL = start_B[:, None] + pos_BL
+    ids_NC = torch.zeros(len(free) * C, dtype=ids_BL.dtype)
+    pos_NC = torch.zeros(len(free) * C, dtype=pos_BL.dtype)
+    ids_NC[dest_BL[real_BL]] = ids_BL[real_BL]
+    pos_NC[dest_BL[real_BL]] = pos_BL[real_BL]
+    index_BT = torch.where(resp_BT, dest_BL[:, P:] - 1, 0)
+    return ids_NC.view(-1, C), pos_NC.view(-1, C), index_BT
+
+
+def _packed_hidden_states(model, rollout: Rollout, packed) -> torch.Tensor:
+    """:func:`response_hidden_states` from one forward pass over the :func:`packing` rows."""
+    ids_NC, pos_NC, index_BT = (x.to(_device(model)) for x in packed)
+    h_NCH = _final_hidden(model, {"input_ids": ids_NC, "attention_mask": None, "position_ids": pos_NC, "use_cache": False})
+    return h_NCH.flatten(0, 1)[index_BT]
+
+
+def _check_packing(model, rollout: Rollout, temperature: float) -> None:
+    """Once per model: the logprobs of two rows packed into one agree with their padded ones, i.e.
+    its attention keeps packed sequences apart. Raises when they do not."""
+    inner = _unwrap(model)
+    if getattr(inner, "_effopd_packing_checked", False):
+        return
+    rows = rollout.response_mask_BT.any(1).nonzero().flatten()[:2]
+    part = rollout.select(rows)
+    # both sequences in one packed row, the second attending past the first's end
+    packed = packing(part, capacity=int(part.prompt_mask_BP.sum() + part.response_mask_BT.sum()))
+    if len(rows) == 2 and packed is not None:
+        with torch.no_grad():
+            head = _lm_head(model)
+            mask_BT = part.response_mask_BT.to(_device(model))
+            ids_BT = part.response_ids_BT.to(_device(model))
+            a = _chunked_logprobs(head, _packed_hidden_states(inner, part, packed), ids_BT, mask_BT, temperature, CHUNK_POSITIONS)
+            b = _chunked_logprobs(head, response_hidden_states(inner, part), ids_BT, mask_BT, temperature, CHUNK_POSITIONS)
+        gap = float((a - b).abs().max())
+        if not gap <= 1e-3:
+            raise ValueError(
+                f"token_logprobs(pack=True): {type(inner).__name__} with attention "
+                f"{getattr(inner.config, '_attn_implementation', '?')!r} does not keep packed sequences apart (packed and "
+                f"padded logprobs differ by {gap:.3g}); its attention ignores packed position_ids. Set train.pack=false "
+                "(score padded batches) or load the model with attn_implementation='sdpa'")
+        inner._effopd_packing_checked = True
 
 
 def _chunk_logprobs(head: torch.nn.Module, h_BCH: torch.Tensor, ids_BC: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -150,7 +225,7 @@ def _chunk_logprobs(head: torch.nn.Module, h_BCH: torch.Tensor, ids_BC: torch.Te
 
 
 def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
-                   chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
+                   chunk_positions: int = CHUNK_POSITIONS, pack: bool = False) -> torch.Tensor:
     """``logp_BT[b, t] = log softmax(logits / temperature)[response_ids_BT[b, t]]`` at the
     position that predicts the token; 0 on padding. Float32, differentiable when grad is enabled.
 
@@ -158,7 +233,12 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
     time and each slab is reduced to the chosen token's logprob (logsumexp in float32). With
     grad, each chunk is checkpointed (non-reentrant), so its backward recomputes the slab. A
     chunk whose positions are all padding is skipped (its logprobs are 0), except the first
-    under grad: an all-padding micro-batch still backpropagates (zeros) into every parameter."""
+    under grad: an all-padding micro-batch still backpropagates (zeros) into every parameter.
+
+    ``pack``: one forward pass over the real tokens only, packed by :func:`packing` (no padding
+    is computed); the same logprobs to float rounding. The first packed call on a model checks
+    that its attention keeps packed sequences apart (:func:`_check_packing`). A sharded (FSDP)
+    model, and a batch :func:`packing` declines, are scored padded."""
     temperature = _check_temperature(temperature)
     chunk_positions = _check_chunk("chunk_positions", chunk_positions)
     head = _lm_head(model)
@@ -166,7 +246,12 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0, *,
     if getattr(model, "_is_fsdp_managed_module", False):
         return _inside_root_forward(model, rollout, lambda h_BTH: _chunked_logprobs(
             head, h_BTH, ids_BT.to(h_BTH.device), mask_BT.to(h_BTH.device), temperature, chunk_positions))
-    h_BTH = response_hidden_states(model, rollout)
+    packed = packing(rollout) if pack else None
+    if packed is not None:
+        _check_packing(model, rollout, temperature)
+        h_BTH = _packed_hidden_states(model, rollout, packed)
+    else:
+        h_BTH = response_hidden_states(model, rollout)
     return _chunked_logprobs(head, h_BTH, ids_BT.to(h_BTH.device), mask_BT.to(h_BTH.device), temperature, chunk_positions)
 
 
