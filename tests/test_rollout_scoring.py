@@ -265,6 +265,23 @@ def test_packed_scoring_equals_the_padded_batch(tiny_student):
     assert packing(ro) is None and (token_logprobs(model, ro, pack=True) == 0).all()
 
 
+def test_packed_frozen_scoring_equals_the_padded_batch(tiny_student):
+    """score(pack=True), as the teacher and base are scored with train.pack: the padded batch's
+    logprobs to 1e-5, in one pass or several (chunk_size), buckets ignored; the same through
+    the teacher's entry point."""
+    from effopd.teachers import teacher_logprobs
+
+    tok, model = tiny_student
+    with isolated_rng(5):
+        ro = generate(model, tok, ["1+2=", "10+20+30-5=", "3=", "45-12+7=", "99-1="] * 2, max_new_tokens=14)
+    padded = score(model, ro)
+    for kw in ({}, {"chunk_size": 3}, {"buckets": 4}):
+        packed = score(model, ro, pack=True, **kw)
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+        assert (packed[ro.response_mask_BT == 0] == 0).all()
+    torch.testing.assert_close(teacher_logprobs(model, ro, 0.8, pack=True), score(model, ro, 0.8), rtol=0, atol=1e-5)
+
+
 def test_packing_refuses_a_model_whose_attention_ignores_it(tiny_student, monkeypatch):
     """The first packed forward compares packed with padded logprobs; an attention that lets
     packed sequences see each other (here: transformers told no sequence is packed) is caught."""

@@ -254,7 +254,7 @@ def teacher_logprobs(cfg, models: Models, batch: Batch, while_waiting: Callable[
     route = batch.signals.get("teacher_route_B")
     pending = start_teacher_logprobs(models.teacher, batch.rollout, cfg.rollout.temperature, route=route,
                                      chunk_size=cfg.train.score_chunk_size, chunk_positions=cfg.train.logit_chunk,
-                                     buckets=cfg.train.score_buckets)
+                                     buckets=cfg.train.score_buckets, pack=cfg.train.pack)
     if while_waiting is not None:
         while_waiting()
     lp_BT = pending()
@@ -276,7 +276,7 @@ def teacher_and_base_logprobs(cfg, models: Models, batch: Batch) -> None:
         batch.signals["base_logp_BT"] = score_logprobs(models.base, batch.rollout, temperature=cfg.rollout.temperature,
                                                        chunk_size=cfg.train.score_chunk_size,
                                                        chunk_positions=cfg.train.logit_chunk,
-                                                       buckets=cfg.train.score_buckets)
+                                                       buckets=cfg.train.score_buckets, pack=cfg.train.pack)
 
     teacher_logprobs(cfg, models, batch, while_waiting=base)
 

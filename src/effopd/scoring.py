@@ -320,20 +320,23 @@ def trimmed(rollout: Rollout) -> Rollout:
 
 @torch.no_grad()
 def score(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None, *,
-          chunk_positions: int = CHUNK_POSITIONS, buckets: int = 1) -> torch.Tensor:
+          chunk_positions: int = CHUNK_POSITIONS, buckets: int = 1, pack: bool = False) -> torch.Tensor:
     """:func:`token_logprobs` without grad, ``chunk_size`` rows per forward pass (None: all) to
     bound activation memory, ``chunk_positions`` positions per LM-head chunk.
 
     ``buckets`` > 1: the rows are sorted by length (prompt + response tokens) and split into that
     many groups of near-equal size, each scored on its own :func:`trimmed` width, so short rows
     are not padded to the longest response. The same logprobs to float rounding (a few 1e-6);
-    ``buckets=1`` is the padded batch as it is."""
+    ``buckets=1`` is the padded batch as it is.
+
+    ``pack``: each pass of ``chunk_size`` rows runs on its real tokens only (:func:`packing`, as
+    in :func:`token_logprobs`), so there is no padding to bucket and ``buckets`` is not used."""
     B = rollout.response_ids_BT.shape[0]
     if chunk_size is not None:
         _check_chunk("chunk_size", chunk_size)
     if isinstance(buckets, bool) or not isinstance(buckets, numbers.Integral) or buckets < 1:
         raise ValueError(f"buckets={buckets!r} must be a positive integer (1: score the padded batch as it is)")
-    if buckets > 1 and B > 1:
+    if buckets > 1 and B > 1 and not pack:
         lengths_B = rollout.prompt_mask_BP.sum(1) + rollout.response_mask_BT.sum(1)
         out_BT = torch.zeros(rollout.response_ids_BT.shape, dtype=torch.float32, device=_device(model))
         for rows in torch.argsort(lengths_B, stable=True).tensor_split(min(buckets, B)):
@@ -342,7 +345,8 @@ def score(model, rollout: Rollout, temperature: float = 1.0, chunk_size: int | N
                 model, part, temperature, chunk_size, chunk_positions=chunk_positions)
         return out_BT
     chunk_size = chunk_size or B
-    parts = [token_logprobs(model, rollout.select(slice(i, i + chunk_size)), temperature, chunk_positions=chunk_positions)
+    parts = [token_logprobs(model, rollout.select(slice(i, i + chunk_size)), temperature, chunk_positions=chunk_positions,
+                            pack=pack)
              for i in range(0, B, chunk_size)]
     return torch.cat(parts, dim=0)
 

@@ -100,13 +100,14 @@ class Routed:
 
 def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
                    chunk_positions: int | None = None, route: torch.Tensor | None = None,
-                   buckets: int = 1) -> Callable[[], torch.Tensor]:
+                   buckets: int = 1, pack: bool = False) -> Callable[[], torch.Tensor]:
     """:func:`teacher_logprobs`, started: a served teacher's request is sent from a worker thread
     at once, and the returned function waits for it; a local model is scored when the function
     is called, on the caller's thread. Work done between the two (the base model's logprobs in
     G-OPD, other teachers' rows) overlaps the request. With :class:`Routed` teachers every
     served teacher's rows go out at once. ``buckets``: :func:`effopd.scoring.score`'s length
-    buckets (a served teacher scores with the same)."""
+    buckets (a served teacher scores with the same); ``pack``: a local model scores packed rows
+    instead (a served teacher keeps to ``buckets``)."""
     if isinstance(teacher, Routed):
         if route is None or len(route) != rollout.response_ids_BT.shape[0]:
             raise ValueError("several teachers need the route: one teacher index per row")
@@ -115,7 +116,8 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
             rows = (route == k).nonzero().flatten()
             if len(rows):
                 parts.append((rows, start_logprobs(teacher.teachers[name], rollout.select(rows), temperature,
-                                                   chunk_size=chunk_size, chunk_positions=chunk_positions, buckets=buckets)))
+                                                   chunk_size=chunk_size, chunk_positions=chunk_positions, buckets=buckets,
+                                                   pack=pack)))
 
         def routed() -> torch.Tensor:
             out = None
@@ -131,18 +133,18 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
     from effopd.scoring import CHUNK_POSITIONS, score
 
     return lambda: score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
-                         chunk_positions=chunk_positions or CHUNK_POSITIONS, buckets=buckets)
+                         chunk_positions=chunk_positions or CHUNK_POSITIONS, buckets=buckets, pack=pack)
 
 
 def teacher_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | None = None,
                      chunk_positions: int | None = None, route: torch.Tensor | None = None,
-                     buckets: int = 1) -> torch.Tensor:
+                     buckets: int = 1, pack: bool = False) -> torch.Tensor:
     """The teacher's logprob of each response token: a local model's through
     :func:`effopd.scoring.score` (``chunk_size`` rows per pass, ``chunk_positions`` per LM-head
     chunk), a served one's through its client; with :class:`Routed` teachers, each row's own
     teacher's (``route``), each teacher scoring its rows as one batch."""
     return start_logprobs(teacher, rollout, temperature, chunk_size=chunk_size, chunk_positions=chunk_positions,
-                          route=route, buckets=buckets)()
+                          route=route, buckets=buckets, pack=pack)()
 
 
 _POOL = None
