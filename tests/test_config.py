@@ -36,3 +36,21 @@ def test_wrong_type_and_malformed_override(tmp_path):
         load_config([], ["train.steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config([tmp_path / "missing.yaml"])
+
+
+def test_packing_follows_the_device_unless_set():
+    """train.pack null: on for a CPU device (with one update bucket), off on CUDA (two
+    buckets); explicit values win, and the resolved values are what config.yaml holds."""
+    cpu = load_config([], ["train.device=cpu"])
+    assert cpu.train.pack is True and cpu.train.update_buckets == 1
+    cuda = load_config([], ["train.device=cuda"])
+    assert cuda.train.pack is False and cuda.train.update_buckets == 2
+    mine = load_config([], ["train.device=cpu", "train.pack=false", "train.update_buckets=4"])
+    assert mine.train.pack is False and mine.train.update_buckets == 4
+    assert from_yaml_text(to_yaml(cpu)).train.pack is True
+
+
+def test_sampling_ahead_turns_the_importance_weight_on_unless_set():
+    assert load_config([], []).loss.rollout_is is False
+    assert load_config([], ["rollout.off_policy_steps=1"]).loss.rollout_is is True
+    assert load_config([], ["rollout.off_policy_steps=1", "loss.rollout_is=false"]).loss.rollout_is is False

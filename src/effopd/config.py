@@ -112,6 +112,13 @@ class RolloutConfig:
     backend: str = "lean"
     """The sampling engine (training, EffOPD's validation and evaluation): lean (a decode loop
     that drops finished rows) or hf (Hugging Face generate). Both sample the same distribution."""
+    off_policy_steps: int = 0
+    """0: every batch is sampled by the current weights (on-policy). 1: the next batch is sampled on a worker
+    thread, by a copy of the weights from before this step's update, while the update runs, so sampling overlaps
+    scoring and the update; each batch is then one update behind and loss.rollout_is (on by default here)
+    corrects for it. Costs one more copy of the student in memory. Not during the update of a step that
+    checkpoints, extrapolates or ends the run (the step after it samples on-policy), and only for the ratio methods (opd, gopd, grpo, dapo)
+    without dynamic sampling and an unsharded student."""
 
     def __post_init__(self):
         _require(self.generation_batch_size is None or self.generation_batch_size > 0, "rollout.generation_batch_size",
@@ -122,6 +129,8 @@ class RolloutConfig:
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 for sampling")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
         _require(self.max_new_tokens > 0, "rollout.max_new_tokens", self.max_new_tokens, "must be > 0")
+        _require(self.off_policy_steps in (0, 1), "rollout.off_policy_steps", self.off_policy_steps,
+                 "must be 0 (on-policy) or 1 (sample the next batch during the update)")
 
 
 @dataclass
@@ -161,8 +170,9 @@ class LossConfig:
     """grpo/dapo: soft overlong penalty factor; null = 1.0 for dapo, 0 (off) otherwise."""
     overlong_buffer: int | None = None
     """Penalty ramps over the last this-many tokens before rollout.max_new_tokens; null = a quarter of it."""
-    rollout_is: bool = False
-    """Weight tokens by min(exp(lp_old - lp_roll), is_cap) (for rollout engines that differ from the trainer)."""
+    rollout_is: bool | None = None
+    """Weight tokens by min(exp(lp_old - lp_roll), is_cap) (for rollout engines that differ from the trainer, or
+    batches sampled ahead); null = on with rollout.off_policy_steps=1, else off."""
     is_cap: float = 5.0
 
     def __post_init__(self):
@@ -222,16 +232,18 @@ class TrainConfig:
     """`auto` (cuda when available), `cpu` or `cuda`."""
     score_chunk_size: int | None = None
     """Rows per teacher/base scoring pass (null = whole batch)."""
-    update_buckets: int = 2
+    update_buckets: int | None = None
     """The update's forward/backward sorts the rows by length and runs in this many micro-batches of near-equal
     rows, each padded only to its own longest row (with train.micro_batch_size: the sorted rows cut into
-    micro-batches of that size). 1 = the batch in sampled order. The same gradient to float rounding."""
-    pack: bool = False
-    """The update's forward/backward runs on packed rows: each micro-batch's real tokens only, several sequences
-    per row kept apart by their position ids (no padding computed); best with train.update_buckets=1. The same
-    gradient to float rounding. The first packed forward checks that the student's attention honours packing
-    (transformers' sdpa and eager do) and stops the run with a clear error if it does not. A sharded (FSDP)
-    student runs padded. Off by default until measured on a GPU (benchmarks/RESULTS.md, "Packed update")."""
+    micro-batches of that size). 1 = the batch in sampled order. The same gradient to float rounding. null = 1
+    when train.pack is on (packed rows carry no padding to save), else 2."""
+    pack: bool | None = None
+    """Forwards run on packed rows: the real tokens only, several sequences per row kept apart by their position
+    ids (no padding computed), in the update's forward/backward and in the local teacher's and base's scoring.
+    The same logprobs and gradient to float rounding. The first packed forward of each model checks that its
+    attention honours packing (transformers' sdpa and eager do) and stops the run with a clear error if it does
+    not. A sharded (FSDP) model runs padded, and a served teacher scores in train.score_buckets. null = on for
+    a CPU device (measured faster, benchmarks/RESULTS.md), off on CUDA, where it has not been measured."""
     score_buckets: int = 2
     """Teacher and base scoring sort the rows by length and score this many groups, each padded only to its own
     longest row (1 = the padded batch as sampled). Equal to float rounding (a few 1e-6); the student's own
@@ -262,7 +274,7 @@ class TrainConfig:
         _require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size", self.micro_batch_size, "must be > 0 or null")
         _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
         _require(self.score_buckets >= 1, "train.score_buckets", self.score_buckets, "must be >= 1 (1 = no bucketing)")
-        _require(self.update_buckets >= 1, "train.update_buckets", self.update_buckets, "must be >= 1 (1 = no bucketing)")
+        _require(self.update_buckets is None or self.update_buckets >= 1, "train.update_buckets", self.update_buckets, "must be >= 1 (1 = no bucketing)")
         _require(self.save_every > 0, "train.save_every", self.save_every, "must be > 0")
         _require(self.keep_last is None or self.keep_last > 0, "train.keep_last", self.keep_last, "must be > 0 or null")
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "choose auto, cpu or cuda")
@@ -355,6 +367,15 @@ class ExtrapolateConfig:
                  (self.min_gain, self.init_gain, self.max_gain), "need 0 < min_gain <= init_gain <= max_gain")
 
 
+def _on_cuda(device: str) -> bool:
+    """Whether ``train.device`` resolves to a CUDA device."""
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device == "cuda"
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -387,6 +408,22 @@ class Config:
             _require(loss.method in ("opd", "gopd"), "model.teachers", loss.method,
                      f"several teachers score sampled tokens for opd and gopd; loss.method={loss.method} takes one "
                      "teacher (model.teacher)")
+        if loss.rollout_is is None:
+            loss.rollout_is = self.rollout.off_policy_steps > 0
+        if self.rollout.off_policy_steps:
+            rec = _methods()[loss.method]
+            _require(rec.ratio and not loss.dynamic_sampling, "rollout.off_policy_steps", self.rollout.off_policy_steps,
+                     f"sampling ahead needs a method whose loss corrects for the sampler (opd, gopd, grpo, dapo) and no "
+                     f"dynamic sampling; loss.method={loss.method} with loss.dynamic_sampling={loss.dynamic_sampling} "
+                     "samples on-policy only: set rollout.off_policy_steps=0")
+            _require(self.rollout.backend != "hf", "rollout.off_policy_steps", self.rollout.off_policy_steps,
+                     "sampling ahead draws from a generator of its own, which rollout.backend=hf (Hugging Face generate) "
+                     "cannot take; use rollout.backend=lean")
+        tr = self.train
+        if tr.pack is None:
+            tr.pack = not _on_cuda(tr.device)
+        if tr.update_buckets is None:
+            tr.update_buckets = 1 if tr.pack else 2
         if loss.overlong_buffer is None:
             loss.overlong_buffer = self.rollout.max_new_tokens // 4
         _require(loss.overlong_buffer < self.rollout.max_new_tokens, "loss.overlong_buffer", loss.overlong_buffer,

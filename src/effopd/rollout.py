@@ -13,7 +13,9 @@ they are produced.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,6 +137,7 @@ def generate(
     eos_token_ids: int | list[int] | None = None,
     keep_logprobs: bool = False,
     backend: str | None = None,
+    generator: torch.Generator | None = None,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for n > 1), ``batch_size`` prompts per
     ``generate`` call (None: all at once). Randomness comes from the global torch generator:
@@ -152,7 +155,10 @@ def generate(
     sampling defaults (Qwen3 ships top_k=20, temperature=0.6, top_p=0.95) are overridden, so the
     sampled distribution is the one the trainer scores.
 
-    ``backend`` names the engine in :data:`ENGINES` (None: :data:`DEFAULT_BACKEND`)."""
+    ``backend`` names the engine in :data:`ENGINES` (None: :data:`DEFAULT_BACKEND`).
+    ``generator``: sample from this generator instead of the global one (None: the one
+    :func:`sampling_generator` set on this thread, else the global generator); the ``hf``
+    engine cannot take one."""
     if not prompts:
         raise ValueError("generate: got no prompts; pass at least one prompt string")
     if not greedy and not (isinstance(temperature, numbers.Real) and temperature > 0):
@@ -162,15 +168,32 @@ def generate(
     backend = DEFAULT_BACKEND if backend is None else backend
     eos = eos_ids(model, tokenizer) if eos_token_ids is None else _id_list(eos_token_ids, "eos_token_ids")
     batch_size = batch_size or len(prompts)
+    generator = generator if generator is not None else getattr(_THREAD, "generator", None)
     parts = [
         _generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs,
-                        backend)
+                        backend, generator)
         for i in range(0, len(prompts), batch_size)
     ]
     return parts[0] if len(parts) == 1 else concat_rollouts(parts, tokenizer.pad_token_id)
 
 
-def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs, backend) -> Rollout:
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def sampling_generator(generator: torch.Generator):
+    """Within this block, :func:`generate` on this thread samples from ``generator`` (a thread
+    that samples while another works then draws from a stream of its own)."""
+    previous = getattr(_THREAD, "generator", None)
+    _THREAD.generator = generator
+    try:
+        yield generator
+    finally:
+        _THREAD.generator = previous
+
+
+def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, eos, keep_logprobs, backend,
+                    generator=None) -> Rollout:
     if backend not in ENGINES:
         raise ValueError(f"rollout.backend={backend!r} is not one of {sorted(ENGINES)}; pick one (lean is the faster on CPU)")
     device = next(model.parameters()).device
@@ -181,7 +204,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_
         response_ids_BT, logp_BT = ENGINES[backend](
             model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, greedy=greedy, eos=eos, pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
-            keep_logprobs=keep_logprobs)
+            keep_logprobs=keep_logprobs, generator=generator)
     finally:
         model.train(was_training)
     mask_BT = response_mask(response_ids_BT, eos)
@@ -203,17 +226,22 @@ class RolloutEngine(Protocol):
     """Decodes one batch of left-padded prompts. Returns the (B, T) response ids (T = the steps
     decoded; anything after a row's first EOS is ignored) and, when ``keep_logprobs``, the (B, T)
     logprobs of the sampled tokens under softmax(logits / temperature) before top-p truncation
-    (softmax(logits) when greedy), else None. Randomness comes from the global torch generator."""
+    (softmax(logits) when greedy), else None. Randomness comes from ``generator`` (None: the
+    global torch generator)."""
 
     def __call__(self, model: PreTrainedModel, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, *,
                  max_new_tokens: int, temperature: float, top_p: float, greedy: bool, eos: list[int], pad_id: int,
-                 bos_id: int | None, keep_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+                 bos_id: int | None, keep_logprobs: bool,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 def hf_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, temperature, top_p, greedy, eos, pad_id, bos_id,
-              keep_logprobs):
+              keep_logprobs, generator=None):
     """Hugging Face ``generate`` with its KV cache; finished rows keep decoding pad tokens until
-    every row has ended."""
+    every row has ended. It samples from the global generator only (``generate`` takes none)."""
+    if generator is not None and not greedy:
+        raise ValueError("rollout.backend=hf samples from the global torch generator (Hugging Face generate takes no "
+                         "generator), so it cannot sample on a thread of its own; use rollout.backend=lean")
     gen_cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
@@ -251,7 +279,7 @@ def top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(outside_BV, float("-inf")))
 
 
-def _next_token(logits_BV, temperature, top_p, greedy, keep_logprobs):
+def _next_token(logits_BV, temperature, top_p, greedy, keep_logprobs, generator=None):
     """The next token of each row and, when asked, its logprob under softmax(logits / temperature)."""
     logits_BV = logits_BV.float()
     if greedy:
@@ -260,7 +288,7 @@ def _next_token(logits_BV, temperature, top_p, greedy, keep_logprobs):
         if temperature != 1.0:
             logits_BV = logits_BV / temperature
         probs_BV = top_p_filter(logits_BV, top_p).softmax(dim=-1)
-        tok_B = torch.multinomial(probs_BV, num_samples=1).squeeze(-1)
+        tok_B = torch.multinomial(probs_BV, num_samples=1, generator=generator).squeeze(-1)
     if not keep_logprobs:
         return tok_B, None
     return tok_B, torch.log_softmax(logits_BV, dim=-1).gather(-1, tok_B[:, None]).squeeze(-1)
@@ -281,7 +309,7 @@ def _any_process(flag: torch.Tensor) -> bool:
 
 
 def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, temperature, top_p, greedy, eos, pad_id, bos_id,
-                keep_logprobs):
+                keep_logprobs, generator=None):
     """A decode loop that does only what the trainer needs: one forward of the last position per
     step (the prefill computes the logits of the last prompt token only), the sampled token and
     its logprob, and rows leave the batch, cache included, as soon as they end, so later steps
@@ -303,7 +331,7 @@ def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, tempe
     pos_R1 = pos_RS[:, -1:]
     steps = 0
     for t in range(max_new_tokens):
-        tok_R, lp_R = _next_token(logits_RV, temperature, top_p, greedy, keep_logprobs)
+        tok_R, lp_R = _next_token(logits_RV, temperature, top_p, greedy, keep_logprobs, generator)
         ids_BT[rows_R[live_R], t] = tok_R[live_R]
         if lp_R is not None:
             logp_BT[rows_R[live_R], t] = lp_R[live_R]

@@ -44,6 +44,7 @@ from transformers import get_scheduler
 
 from effopd import checkpoint as ckpt
 from effopd import validation
+from effopd.ahead import SampleAhead
 from effopd.config import Config, ConfigError
 from effopd.data import load_split
 from effopd.data.loaders import DatasetError
@@ -564,6 +565,9 @@ def setup(cfg: Config, run_dir: Path, resume: bool, overwrite: bool) -> Run:
     accelerator.wait_for_everyone()
     if cfg.train.report_to:
         accelerator.init_trackers(run_dir.name, config=tracker_config(cfg))
+    if cfg.rollout.off_policy_steps and sharded:
+        raise ConfigError("rollout.off_policy_steps=1 samples with a copy of the whole student, which a sharded one "
+                          "(train.parallel=fsdp2) does not have; set rollout.off_policy_steps=0 or train.parallel=ddp")
     if cfg.train.gradient_checkpointing:
         models.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
@@ -649,6 +653,15 @@ def extrapolate_now(run: Run, step: int) -> dict:
     return {**rec.metrics(), "extrapolate/total_seconds": x.total_seconds}
 
 
+def samples_ahead(run: Run, step: int) -> bool:
+    """Whether the batch of ``step + 1`` is sampled during the update of ``step``
+    (``rollout.off_policy_steps``): not when ``step`` checkpoints (a checkpoint holds no batch in
+    flight, so resuming stays exact), runs an EffOPD search (its weights move far) or is the last."""
+    t = run.cfg.train
+    return not (step >= t.steps or step % t.save_every == 0
+                or (run.extrapolator is not None and run.extrapolator.should_trigger(step)))
+
+
 def log(run: Run, step: int, metrics: dict) -> None:
     """One row of metrics.jsonl, and the numeric entries to the configured trackers."""
     run.log.log(step, metrics)
@@ -677,19 +690,37 @@ def loop(run: Run, start: int, progress: bool) -> dict:
                initial=start, total=cfg.train.steps)
     metrics: dict = {}
     nonfinite = NonFiniteCount()
+    ahead = SampleAhead(run.unwrapped, acc.autocast) if cfg.rollout.off_policy_steps else None
     with StopSignal() as stop:
         for step in bar:
             t_step = time.time()
-            with acc.autocast():
-                batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
+            sampled_ahead = ahead is not None and ahead.pending
+            if sampled_ahead:
+                batch = ahead.take()
+            else:
+                with acc.autocast():
+                    batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
             t_rollout = time.time() - t_step
+            order = run.sampler.state_dict()  # before the next batch's prompts are drawn
+            if ahead is not None and samples_ahead(run, step):
+                ahead.start(lambda model: run.method.assemble(cfg, run.models, model, draw, per_rank))
 
             t0 = time.time()
-            metrics = optimize(cfg, acc, run.models, run.method, batch, run.optimizer, run.scheduler, nonfinite)
+            try:
+                metrics = optimize(cfg, acc, run.models, run.method, batch, run.optimizer, run.scheduler, nonfinite)
+            except BaseException:
+                if ahead is not None:  # the update's error is the one to report
+                    with contextlib.suppress(Exception):
+                        ahead.drop()
+                raise
+            if ahead is not None:
+                ahead.wait()
             metrics.update({
                 "train/lr": run.scheduler.get_last_lr()[0], "train/nonfinite_skipped": nonfinite.total,
                 "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
             })
+            if ahead is not None:  # 1: this step's batch was sampled during the previous update
+                metrics["train/sampled_ahead"] = float(sampled_ahead)
             if nonfinite.run >= cfg.train.max_nonfinite:
                 log(run, step, metrics)
                 last_good = ckpt.latest(run.run_dir / "checkpoints")
@@ -712,6 +743,9 @@ def loop(run: Run, start: int, progress: bool) -> dict:
             shown = {"reward": "train/reward", "kl": "train/reverse_kl", "nll": "train/nll", "eval": "eval/accuracy"}
             bar.set_postfix({k: f"{metrics[key]:.3f}" for k, key in shown.items() if key in metrics})
             stopping = stop.requested(acc)
+            if stopping and ahead is not None and ahead.pending:  # the resumed run draws those prompts again
+                ahead.drop()
+                run.sampler.load_state_dict(order)
             if step % cfg.train.save_every == 0 or last or stopping:
                 _checkpoint(run, step)
             if stopping and not last:
