@@ -190,3 +190,20 @@ def test_the_default_effopd_rule_trains(tiny_models, tmp_path):
     assert all(r["extrapolate/candidates"][0] == 3.0 and r["extrapolate/accepted_c"] in [1.0, *r["extrapolate/candidates"]]
                for r in rows)
     assert (tmp_path / "run" / "checkpoints" / "step-2" / "extrapolate_anchor.safetensors").exists()
+
+
+def test_the_reward_of_opd_samples_is_only_checked_when_logged(tiny_models, tmp_path, monkeypatch):
+    """train.log_reward=false: an OPD step checks no answer and logs no train/reward; the
+    default logs it."""
+    from effopd import methods
+
+    train(load_config([], tiny_overrides(tiny_models, **{"train.steps": 1})), tmp_path / "on", progress=False)
+    assert "train/reward" in metrics_rows(tmp_path / "on")[-1]
+
+    def no_check(*args):
+        raise AssertionError("the answer checker ran")
+
+    monkeypatch.setattr(methods, "reward", no_check)
+    train(load_config([], tiny_overrides(tiny_models, **{"train.steps": 1, "train.log_reward": False, "train.eval_every": 0})),
+          tmp_path / "off", progress=False)
+    assert not any("train/reward" in r for r in metrics_rows(tmp_path / "off"))

@@ -248,6 +248,10 @@ class TrainConfig:
     """Teacher and base scoring sort the rows by length and score this many groups, each padded only to its own
     longest row (1 = the padded batch as sampled). Equal to float rounding (a few 1e-6); the student's own
     old logprobs stay padded, so the first update's ratio is exactly 1."""
+    log_reward: bool = True
+    """Log train/reward (train/target_reward for sft), the answer check of every sampled response, also for the
+    methods whose loss does not use it (opd, gopd, gkd, sft). false skips that check: math-verify takes up to
+    tens of ms per response on symbolic answers. grpo and dapo always check (their loss is the reward)."""
     max_nonfinite: int = 5
     """Stop after this many consecutive updates with a NaN/inf loss or gradient (each is skipped)."""
     mixed_precision: str = "auto"

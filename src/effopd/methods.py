@@ -146,8 +146,10 @@ def _sample(cfg, models: Models, model, examples) -> Rollout:
                     keep_logprobs=cfg.loss.rollout_is or isinstance(models.teacher, Routed))
 
 
-def _mean_reward(ro: Rollout, golds: list[str]) -> float:
-    return sum(map(reward, ro.texts, golds)) / len(golds)
+def _reward_metric(cfg, key: str, ro: Rollout, golds: list[str]) -> dict:
+    """``{key: mean verifiable reward}`` of a batch the loss does not score by reward, or nothing
+    with ``train.log_reward=false`` (no answer is checked)."""
+    return {key: sum(map(reward, ro.texts, golds)) / len(golds)} if cfg.train.log_reward else {}
 
 
 def _repeat(cfg, examples) -> list:
@@ -155,22 +157,22 @@ def _repeat(cfg, examples) -> list:
 
 
 def student_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
-    """The student samples rollout.n responses to each of k prompts; logs their reward."""
+    """The student samples rollout.n responses to each of k prompts; logs their reward (``train.log_reward``)."""
     examples = _repeat(cfg, draw(k))
     ro = _sample(cfg, models, student, examples)
     golds = [e.answer for e in examples]
-    batch = Batch(ro, golds, metrics={"train/reward": _mean_reward(ro, golds)})
+    batch = Batch(ro, golds, metrics=_reward_metric(cfg, "train/reward", ro, golds))
     if isinstance(models.teacher, Routed):  # each row is scored by its prompt's teacher
         batch.signals["teacher_route_B"] = models.teacher.index([e.teacher for e in examples])
     return batch
 
 
 def teacher_samples(cfg, models: Models, student, draw: Draw, k: int) -> Batch:
-    """The teacher samples the responses (off-policy distillation); logs their reward."""
+    """The teacher samples the responses (off-policy distillation); logs their reward (``train.log_reward``)."""
     examples = _repeat(cfg, draw(k))
     ro = _sample(cfg, models, models.teacher, examples)
     golds = [e.answer for e in examples]
-    return Batch(ro, golds, metrics={"train/target_reward": _mean_reward(ro, golds)})
+    return Batch(ro, golds, metrics=_reward_metric(cfg, "train/target_reward", ro, golds))
 
 
 def check_solutions(cfg, examples) -> None:
