@@ -140,3 +140,25 @@ def test_a_generator_of_its_own_leaves_the_global_stream_alone(tiny_student):
     assert not torch.equal(a.response_ids_BT[:, :3], c.response_ids_BT[:, :3])
     with pytest.raises(ValueError, match="rollout.backend=lean"):
         generate(model, tok, PROMPTS, max_new_tokens=10, backend="hf", generator=torch.Generator().manual_seed(5))
+
+
+def test_an_error_in_the_update_cancels_the_batch_and_is_the_one_raised(tiny_student):
+    """during(): the block's error wins over the worker's; the batch is cancelled and the global
+    generator is back where it was before the worker's seed was drawn."""
+    _, model = tiny_student
+    ahead = SampleAhead(model, contextlib.nullcontext)
+    state = torch.get_rng_state()
+
+    def fail(m):
+        raise ValueError("the worker failed too")
+
+    with pytest.raises(KeyError, match="the update failed"):
+        with ahead.during(fail):
+            raise KeyError("the update failed")
+    assert not ahead.pending and torch.equal(torch.get_rng_state(), state)
+    with ahead.during(lambda m: "next batch"):
+        pass
+    assert ahead.take() == "next batch"
+    with ahead.during(None):  # nothing to sample at this step
+        pass
+    assert not ahead.pending

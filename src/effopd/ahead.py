@@ -45,6 +45,7 @@ class SampleAhead:
         self._error: BaseException | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._threads: int | None = None
+        self._rng: torch.Tensor | None = None
 
     @property
     def pending(self) -> bool:
@@ -64,6 +65,7 @@ class SampleAhead:
             self._threads = torch.get_num_threads()
             torch.set_num_threads(max(1, self._threads // 2))
         share = torch.get_num_threads()
+        self._rng = torch.get_rng_state()
         # the worker samples from a generator of its own, seeded from the global one here (on this
         # thread, at a fixed point of the run): the main thread's use of the global generator
         # while it works cannot change the worker's samples, nor the worker's the main thread's
@@ -104,7 +106,27 @@ class SampleAhead:
         out, self._result, self._thread = self._result, None, None
         return out
 
-    def drop(self) -> None:
-        """Wait for the worker and discard its batch."""
-        self.take()
+    def cancel(self) -> None:
+        """Wait for the worker, discard its batch and put the global generator back where it was
+        before :meth:`start` drew the worker's seed, as if it had not started."""
+        if self.pending:
+            try:
+                self.take()
+            finally:
+                torch.set_rng_state(self._rng)
+
+    @contextlib.contextmanager
+    def during(self, assemble: Callable[[torch.nn.Module], object] | None):
+        """Sample ``assemble(copy)`` on the worker while the block runs (None: nothing to sample),
+        and wait for it at the end. If the block raises, the batch is cancelled and the block's
+        error is the one raised."""
+        if assemble is not None:
+            self.start(assemble)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.cancel()
+            raise
+        self.wait()
 

@@ -702,25 +702,20 @@ def loop(run: Run, start: int, progress: bool) -> dict:
                     batch = run.method.assemble(cfg, run.models, run.unwrapped, draw, per_rank)
             t_rollout = time.time() - t_step
             order = run.sampler.state_dict()  # before the next batch's prompts are drawn
-            if ahead is not None and samples_ahead(run, step):
-                ahead.start(lambda model: run.method.assemble(cfg, run.models, model, draw, per_rank))
+            nxt = (lambda model: run.method.assemble(cfg, run.models, model, draw, per_rank)) \
+                if ahead is not None and samples_ahead(run, step) else None
 
             t0 = time.time()
-            try:
+            with ahead.during(nxt) if ahead is not None else contextlib.nullcontext():
                 metrics = optimize(cfg, acc, run.models, run.method, batch, run.optimizer, run.scheduler, nonfinite)
-            except BaseException:
-                if ahead is not None:  # the update's error is the one to report
-                    with contextlib.suppress(Exception):
-                        ahead.drop()
-                raise
-            if ahead is not None:
-                ahead.wait()
+                t_update = time.time() - t0 - metrics["time/score"]
             metrics.update({
                 "train/lr": run.scheduler.get_last_lr()[0], "train/nonfinite_skipped": nonfinite.total,
-                "time/rollout": t_rollout, "time/update": time.time() - t0 - metrics["time/score"],
+                "time/rollout": t_rollout, "time/update": t_update,
             })
             if ahead is not None:  # 1: this step's batch was sampled during the previous update
                 metrics["train/sampled_ahead"] = float(sampled_ahead)
+                metrics["time/sample_wait"] = time.time() - t0 - metrics["time/score"] - t_update
             if nonfinite.run >= cfg.train.max_nonfinite:
                 log(run, step, metrics)
                 last_good = ckpt.latest(run.run_dir / "checkpoints")
@@ -743,8 +738,8 @@ def loop(run: Run, start: int, progress: bool) -> dict:
             shown = {"reward": "train/reward", "kl": "train/reverse_kl", "nll": "train/nll", "eval": "eval/accuracy"}
             bar.set_postfix({k: f"{metrics[key]:.3f}" for k, key in shown.items() if key in metrics})
             stopping = stop.requested(acc)
-            if stopping and ahead is not None and ahead.pending:  # the resumed run draws those prompts again
-                ahead.drop()
+            if stopping and ahead is not None and ahead.pending:  # the resumed run samples that batch anew
+                ahead.cancel()
                 run.sampler.load_state_dict(order)
             if step % cfg.train.save_every == 0 or last or stopping:
                 _checkpoint(run, step)
