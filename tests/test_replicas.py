@@ -130,8 +130,10 @@ def test_two_process_opd_with_effopd_accepting_keeps_replicas_identical(tiny_mod
     """OPD + EffOPD scored by the teacher's logprob (which moves on random models, unlike the
     reward): some candidate is accepted, and both replicas end bitwise equal, with the same
     decisions, the same prompt order and evaluation written once for the whole eval set."""
+    # padded batches: a sharded model runs padded, so the replicated run it is compared with bitwise does too
     o = tiny_overrides(tiny_models, **{"train.steps": 4, "extrapolate.enabled": True, "extrapolate.score": "teacher_logprob",
-                                      "extrapolate.val_prompts": 6, "train.eval_every": 2, "train.save_every": 2})
+                                      "extrapolate.val_prompts": 6, "train.eval_every": 2, "train.save_every": 2,
+                                      "train.pack": False})
     reports = replicas("plain", tmp_path / "eff", o)
     assert_identical(reports)
     assert any(c > 1 for c in reports[0]["accepted"]), reports[0]["accepted"]
@@ -181,7 +183,8 @@ def test_two_process_dapo_refills_agree(tiny_models, tmp_path, parallel):
 def test_sharded_teacher_and_base_train_as_replicated(tiny_models, tmp_path, method):
     """GKD (full logits of both models) and G-OPD (teacher and base logprobs) with the student,
     teacher and base sharded end bitwise where the replicated run ends."""
-    o = tiny_overrides(tiny_models, **{"loss.method": method, "train.steps": 2, "train.eval_every": 0, "train.save_every": 2})
+    o = tiny_overrides(tiny_models, **{"loss.method": method, "train.steps": 2, "train.eval_every": 0, "train.save_every": 2,
+                                      "train.pack": False})  # a sharded model runs padded: compare with padded
     replicated = replicas("plain", tmp_path / "ddp", o)
     sharded = replicas("plain", tmp_path / "fsdp", [*o, "train.parallel=fsdp2", "train.shard_teacher=true"])
     assert sharded[0]["params"] == replicated[0]["params"]

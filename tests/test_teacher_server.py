@@ -93,11 +93,11 @@ def test_a_server_that_goes_away_stops_the_run_and_resume_completes_it(tiny_mode
     calls = {"n": 0}
     real = RemoteTeacher.logprobs
 
-    def logprobs(self, rollout, temperature, buckets=1):
+    def logprobs(self, rollout, temperature, buckets=1, pack=False):
         calls["n"] += 1
         if calls["n"] == 3:  # the server dies before step 3 is scored
             server.stop()
-        return real(self, rollout, temperature, buckets)
+        return real(self, rollout, temperature, buckets, pack)
 
     monkeypatch.setattr(RemoteTeacher, "logprobs", logprobs)
     run = tmp_path / "run"
@@ -212,11 +212,11 @@ def test_each_prompt_is_scored_by_the_teacher_it_names(tiny_models, second_teach
     batch = student_samples(cfg, models, models.student, lambda k: examples[:k], 4)
     teacher_logprobs(cfg, models, batch)
     lp_BT, mask_BT = batch.signals["teacher_logp_BT"], batch.rollout.response_mask_BT
-    buckets = cfg.train.score_buckets
+    layout = {"buckets": cfg.train.score_buckets, "pack": cfg.train.pack}
     for name, other in (("a", "b"), ("b", "a")):  # each teacher's rows bitwise from it, not from the other
         rows = torch.tensor([i for i, e in enumerate(examples[:4]) if e.teacher == name])
         part, real = batch.rollout.select(rows), mask_BT[rows].bool()
-        assert torch.equal(lp_BT[rows], score(models.teacher.teachers[name], part, 1.0, buckets=buckets))
+        assert torch.equal(lp_BT[rows], score(models.teacher.teachers[name], part, 1.0, **layout))
         assert not torch.allclose(lp_BT[rows][real], score(models.teacher.teachers[other], part, 1.0)[real], atol=1e-3)
     kl = (batch.rollout.logp_BT - lp_BT) * mask_BT
     a_rows = torch.tensor([e.teacher == "a" for e in examples[:4]])
@@ -266,11 +266,11 @@ def test_the_base_is_scored_while_a_served_teacher_answers(tiny_models):
     models.base.model.layers[0].register_forward_hook(on_base)
 
     class SlowServed:  # answers once the base has run, or fails after 10 s
-        def logprobs(self, rollout, temperature, buckets=1):
+        def logprobs(self, rollout, temperature, buckets=1, pack=False):
             asked.set()
             if not base_ran.wait(timeout=10):
                 raise TimeoutError("the base model never ran while the teacher request was out")
-            return score(local_teacher, rollout, temperature, buckets=buckets)
+            return score(local_teacher, rollout, temperature, buckets=buckets, pack=pack)
 
         def topk(self, rollout, k, temperature):
             raise NotImplementedError
@@ -279,9 +279,9 @@ def test_the_base_is_scored_while_a_served_teacher_answers(tiny_models):
     batch = student_samples(cfg, models, models.student, lambda k: generate_examples(k), 4)
     teacher_and_base_logprobs(cfg, models, batch)
     assert overlapped and all(overlapped)
-    buckets = cfg.train.score_buckets
-    assert torch.equal(batch.signals["teacher_logp_BT"], score(local_teacher, batch.rollout, 1.0, buckets=buckets))
-    assert torch.equal(batch.signals["base_logp_BT"], score(models.base, batch.rollout, 1.0, buckets=buckets))
+    layout = {"buckets": cfg.train.score_buckets, "pack": cfg.train.pack}
+    assert torch.equal(batch.signals["teacher_logp_BT"], score(local_teacher, batch.rollout, 1.0, **layout))
+    assert torch.equal(batch.signals["base_logp_BT"], score(models.base, batch.rollout, 1.0, **layout))
 
 
 def generate_examples(k: int):

@@ -54,7 +54,7 @@ class Batcher:
         self.wake = asyncio.Event()
         self.batches = 0
 
-    async def submit(self, rollout, temperature: float, kind: tuple = ("logprobs", 1)) -> tuple[torch.Tensor, ...]:
+    async def submit(self, rollout, temperature: float, kind: tuple = ("logprobs", 1, False)) -> tuple[torch.Tensor, ...]:
         job = _Job(rollout, temperature, kind, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self.wake.set()
@@ -121,7 +121,8 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
     def score_fn(rollout, temperature, kind):
         if kind[0] == "topk":
             return local_top_k(model, rollout, kind[1], temperature)
-        return (teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions, buckets=kind[1]),)
+        return (teacher_logprobs(model, rollout, temperature, chunk_positions=chunk_positions, buckets=kind[1],
+                                 pack=kind[2]),)
 
     batcher = Batcher(score_fn, max_batch_tokens, tokenizer.pad_token_id)
     info = {"status": "ok", "model": name, "vocab_hash": vocab_hash(tokenizer), "vocab_size": len(tokenizer.get_vocab()),
@@ -144,7 +145,10 @@ def make_app(model, tokenizer, *, name: str, max_batch_tokens: int = 65536, chun
                 buckets = body.get("buckets", 1)
                 if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
                     raise ValueError(f"buckets={buckets!r} must be a positive integer")
-                kind = ("logprobs", buckets)
+                pack = body.get("pack", False)
+                if not isinstance(pack, bool):
+                    raise ValueError(f"pack={pack!r} must be true or false")
+                kind = ("logprobs", buckets, pack)
         except ValueError as err:
             return JSONResponse({"error": str(err)}, status_code=400)
         try:

@@ -46,10 +46,10 @@ class TeacherServerError(UserError, RuntimeError):
 class Teacher(Protocol):
     """What a trainer needs from a teacher it does not hold: per-token logprobs of given tokens."""
 
-    def logprobs(self, rollout, temperature: float, buckets: int = 1) -> torch.Tensor:
+    def logprobs(self, rollout, temperature: float, buckets: int = 1, pack: bool = False) -> torch.Tensor:
         """``(B, T)`` float32 logprobs of ``rollout.response_ids_BT`` under softmax(logits /
-        temperature), 0 on padding; ``buckets``: score the rows in that many length buckets
-        (:func:`effopd.scoring.score`)."""
+        temperature), 0 on padding; ``buckets``: score the rows in that many length buckets,
+        ``pack``: score them packed instead (:func:`effopd.scoring.score`)."""
 
     def topk(self, rollout, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k GKD's teacher side at every response position: the k most likely token ids
@@ -106,8 +106,7 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
     is called, on the caller's thread. Work done between the two (the base model's logprobs in
     G-OPD, other teachers' rows) overlaps the request. With :class:`Routed` teachers every
     served teacher's rows go out at once. ``buckets``: :func:`effopd.scoring.score`'s length
-    buckets (a served teacher scores with the same); ``pack``: a local model scores packed rows
-    instead (a served teacher keeps to ``buckets``)."""
+    buckets, ``pack``: packed rows instead (a served teacher scores the same way)."""
     if isinstance(teacher, Routed):
         if route is None or len(route) != rollout.response_ids_BT.shape[0]:
             raise ValueError("several teachers need the route: one teacher index per row")
@@ -129,7 +128,7 @@ def start_logprobs(teacher, rollout, temperature: float, *, chunk_size: int | No
 
         return routed
     if not isinstance(teacher, torch.nn.Module) and hasattr(teacher, "logprobs"):  # a Teacher: served
-        return _pool().submit(teacher.logprobs, rollout, temperature, buckets).result
+        return _pool().submit(teacher.logprobs, rollout, temperature, buckets, pack).result
     from effopd.scoring import CHUNK_POSITIONS, score
 
     return lambda: score(teacher, rollout, temperature=temperature, chunk_size=chunk_size,
@@ -174,13 +173,13 @@ def decode(text: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
     return (flat.long() if dtype == torch.int32 else flat).view(*shape)
 
 
-def rollout_request(rollout, temperature: float, buckets: int = 1) -> dict:
+def rollout_request(rollout, temperature: float, buckets: int = 1, pack: bool = False) -> dict:
     """The JSON body of a ``/logprobs`` request: the padded batch as lists of token ids and masks,
-    the temperature and the length buckets to score it in."""
+    the temperature and how to lay it out: the length buckets, or packed rows."""
     return {
         "prompt_ids": rollout.prompt_ids_BP.tolist(), "prompt_mask": rollout.prompt_mask_BP.tolist(),
         "response_ids": rollout.response_ids_BT.tolist(), "response_mask": rollout.response_mask_BT.tolist(),
-        "temperature": float(temperature), "buckets": int(buckets),
+        "temperature": float(temperature), "buckets": int(buckets), "pack": bool(pack),
     }
 
 
@@ -262,8 +261,8 @@ class RemoteTeacher:
                 f"{len(tokenizer.get_vocab())} tokens). On-policy distillation needs one shared vocabulary: serve a "
                 "teacher from the student's model family")
 
-    def logprobs(self, rollout, temperature: float, buckets: int = 1) -> torch.Tensor:
-        out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature, buckets))
+    def logprobs(self, rollout, temperature: float, buckets: int = 1, pack: bool = False) -> torch.Tensor:
+        out = self._call("POST", "/logprobs", json=rollout_request(rollout, temperature, buckets, pack))
         lp = decode(out["logprobs"], tuple(rollout.response_ids_BT.shape))
         return lp.to(rollout.response_ids_BT.device)
 
