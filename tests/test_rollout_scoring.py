@@ -3,6 +3,10 @@ import torch
 from transformers import GenerationConfig
 
 from effopd.rollout import ENGINES, eos_ids, generate, response_mask, top_p_filter
+
+#: The engines tested case by case; lean-compiled runs the lean loop (its own test below compares
+#: the two), and its compile takes tens of seconds per model.
+EAGER_ENGINES = sorted(set(ENGINES) - {"lean-compiled"})
 from effopd.scoring import score, token_logprobs
 from effopd.utils import isolated_rng
 
@@ -14,7 +18,7 @@ def test_response_mask_includes_first_eos_only():
     assert response_mask(ids, eos_token_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("backend", EAGER_ENGINES)
 def test_generate_shapes_masks_and_texts(tiny_student, backend):
     tok, model = tiny_student
     ro = generate(model, tok, PROMPTS, max_new_tokens=12, keep_logprobs=True, backend=backend)
@@ -28,7 +32,7 @@ def test_generate_shapes_masks_and_texts(tiny_student, backend):
     assert ro.prompt_ids_BP[0, 0] == tok.pad_token_id  # short prompt is left-padded
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("backend", EAGER_ENGINES)
 def test_scoring_matches_sampling_logprobs(tiny_student, backend):
     """The trainer's forward pass must see exactly what the sampler saw: same positions despite
     left padding, same next-token distribution."""
@@ -50,7 +54,7 @@ def test_chunked_scoring_equals_unchunked_and_grad_flows(tiny_student):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("backend", EAGER_ENGINES)
 def test_batched_generation_equals_one_batch_greedy(tiny_student, backend):
     tok, model = tiny_student
     a = generate(model, tok, PROMPTS, max_new_tokens=8, greedy=True, backend=backend)
@@ -127,7 +131,7 @@ class force_tokens:
             h.remove()
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("backend", EAGER_ENGINES)
 def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student, backend):
     """A model whose generation_config lists two EOS ids: one row ends with the tokenizer's EOS,
     one with the other id, one with the other id after 3 tokens; generation stops when all rows
@@ -146,13 +150,30 @@ def test_generation_stops_at_either_eos_id_and_cuts_mask_and_text(tiny_student, 
     assert ro.texts == ["1", "123", ""]
 
 
-@pytest.mark.parametrize("backend", sorted(ENGINES))
+@pytest.mark.parametrize("backend", EAGER_ENGINES)
 def test_explicit_eos_token_ids_replace_the_default(tiny_student, backend):
     tok, model = tiny_student
     a, b = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
     with force_tokens(model, tok, PROMPTS[:1], [[a, b, a, a, a, a]]):
         ro = generate(model, tok, PROMPTS[:1], max_new_tokens=6, greedy=True, eos_token_ids=[b], backend=backend)
     assert ro.response_ids_BT.tolist() == [[a, b]] and ro.texts == ["1"]
+
+
+@pytest.mark.slow
+def test_the_compiled_engine_samples_as_the_lean_loop(tiny_student):
+    """lean-compiled: greedy tokens equal lean's, a second batch size runs without a new
+    compile error, sampled logprobs equal a teacher-forced forward to 1e-4, and the model keeps
+    its parameters and state dict (the compiled forward is not attached to it)."""
+    tok, model = tiny_student
+    keys, n_params = list(model.state_dict()), len(list(model.parameters()))
+    eager = generate(model, tok, PROMPTS, max_new_tokens=10, greedy=True, backend="lean")
+    compiled = generate(model, tok, PROMPTS, max_new_tokens=10, greedy=True, backend="lean-compiled")
+    assert torch.equal(compiled.response_ids_BT, eager.response_ids_BT) and compiled.texts == eager.texts
+    with isolated_rng(2):
+        ro = generate(model, tok, PROMPTS[:3] * 3, max_new_tokens=10, keep_logprobs=True, backend="lean-compiled")
+    assert ro.response_mask_BT.sum() > 9
+    torch.testing.assert_close(ro.logp_BT, score(model, ro), rtol=0, atol=1e-4)
+    assert list(model.state_dict()) == keys and len(list(model.parameters())) == n_params
 
 
 # ---- what generation keeps -------------------------------------------------------------------------
@@ -366,5 +387,5 @@ def test_lean_sampling_draws_what_generate_draws_while_no_row_has_ended(tiny_stu
 
 def test_an_unknown_backend_is_refused_with_the_choices(tiny_student):
     tok, model = tiny_student
-    with pytest.raises(ValueError, match=r"rollout.backend='vllm' is not one of \['hf', 'lean'\]"):
+    with pytest.raises(ValueError, match=r"rollout.backend='vllm' is not one of \['hf', 'lean', 'lean-compiled'\]"):
         generate(model, tok, PROMPTS, max_new_tokens=4, backend="vllm")

@@ -111,7 +111,10 @@ class RolloutConfig:
     """Prompts per `generate` call when sampling the batch (and EffOPD's validation); null = all at once."""
     backend: str = "lean"
     """The sampling engine (training, EffOPD's validation and evaluation): lean (a decode loop
-    that drops finished rows) or hf (Hugging Face generate). Both sample the same distribution."""
+    that drops finished rows), lean-compiled (the same loop with the model's forward compiled by
+    torch.compile: the first sampling call compiles, tens of seconds; later calls have far less
+    per-op overhead, so it pays in long runs of small models) or hf (Hugging Face generate). All
+    sample the same distribution."""
     off_policy_steps: int = 0
     """0: every batch is sampled by the current weights (on-policy). 1: the next batch is sampled on a worker
     thread, by a copy of the weights from before this step's update, while the update runs, so sampling overlaps
@@ -124,7 +127,8 @@ class RolloutConfig:
         _require(self.generation_batch_size is None or self.generation_batch_size > 0, "rollout.generation_batch_size",
                  self.generation_batch_size, "must be > 0 or null")
         _require(self.batch_size > 0, "rollout.batch_size", self.batch_size, "must be > 0")
-        _require(self.backend in ("lean", "hf"), "rollout.backend", self.backend, "must be lean or hf")
+        _require(self.backend in ("lean", "lean-compiled", "hf"), "rollout.backend", self.backend,
+                 "must be lean, lean-compiled or hf")
         _require(self.n > 0, "rollout.n", self.n, "must be > 0")
         _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0 for sampling")
         _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
