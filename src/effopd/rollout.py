@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -356,8 +355,9 @@ def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, tempe
 
 class _CompiledForward:
     """Stands in for a model in :func:`lean_engine`: its ``config`` and parameters, and a call
-    that runs ``torch.compile(model, dynamic=True)``. Kept apart from the module (not an
-    attribute of it), so the model's state dict and parameters stay as they are."""
+    that runs ``torch.compile(model, dynamic=True)``. A model keeps its own in a plain attribute
+    (not a submodule: its state dict and parameters stay as they are); a deep copy of the model
+    starts without one and compiles its own."""
 
     def __init__(self, model):
         self.config, self._model = model.config, model
@@ -369,8 +369,11 @@ class _CompiledForward:
     def __call__(self, **inputs):
         return self._compiled(**inputs)
 
+    def __deepcopy__(self, memo):
+        return None
 
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, _CompiledForward]" = weakref.WeakKeyDictionary()
+
+_COMPILED_ATTR = "_effopd_compiled_forward"
 _COMPILE_LOCK = threading.Lock()
 
 
@@ -386,9 +389,11 @@ def compiled_lean_engine(model, input_ids_BP, attention_mask_BP, **kw):
         raise ValueError("rollout.backend=lean-compiled does not run a model sharded across processes (its forwards "
                          "gather weights collectively); use rollout.backend=lean")
     with _COMPILE_LOCK:
-        if model not in _COMPILED:
-            _COMPILED[model] = _CompiledForward(model)
-    return lean_engine(_COMPILED[model], input_ids_BP, attention_mask_BP, **kw)
+        forward = model.__dict__.get(_COMPILED_ATTR)
+        if forward is None:
+            forward = _CompiledForward(model)
+            object.__setattr__(model, _COMPILED_ATTR, forward)  # past nn.Module's registration of modules
+    return lean_engine(forward, input_ids_BP, attention_mask_BP, **kw)
 
 
 #: ``rollout.backend`` -> engine. A new backend (a vLLM client, say) is one more entry here.
