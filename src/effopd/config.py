@@ -120,8 +120,8 @@ class RolloutConfig:
     thread, by a copy of the weights from before this step's update, while the update runs, so sampling overlaps
     scoring and the update; each batch is then one update behind and loss.rollout_is (on by default here)
     corrects for it. Costs one more copy of the student in memory. Not during the update of a step that
-    checkpoints, extrapolates or ends the run (the step after it samples on-policy), and only for the ratio methods (opd, gopd, grpo, dapo)
-    without dynamic sampling and an unsharded student."""
+    checkpoints, extrapolates or ends the run (the step after it samples on-policy). For the ratio methods (opd,
+    gopd, grpo, dapo) without dynamic sampling, the lean engines and an unsharded student."""
 
     def __post_init__(self):
         _require(self.generation_batch_size is None or self.generation_batch_size > 0, "rollout.generation_batch_size",
@@ -243,11 +243,11 @@ class TrainConfig:
     when train.pack is on (packed rows carry no padding to save), else 2."""
     pack: bool | None = None
     """Forwards run on packed rows: the real tokens only, several sequences per row kept apart by their position
-    ids (no padding computed), in the update's forward/backward and in the local teacher's and base's scoring.
-    The same logprobs and gradient to float rounding. The first packed forward of each model checks that its
-    attention honours packing (transformers' sdpa and eager do) and stops the run with a clear error if it does
-    not. A sharded (FSDP) model runs padded, and a served teacher scores in train.score_buckets. null = on for
-    a CPU device (measured faster, benchmarks/RESULTS.md), off on CUDA, where it has not been measured."""
+    ids (no padding computed), in the update's forward/backward and in the teacher's (local or served) and the
+    base's scoring. The same logprobs and gradient to float rounding. The first packed forward of each model
+    checks that its attention honours packing (transformers' sdpa and eager do) and stops the run with a clear
+    error if it does not. A sharded (FSDP) model runs padded. null = on for a CPU device (measured faster,
+    benchmarks/RESULTS.md), off on CUDA, where it has not been measured."""
     score_buckets: int = 2
     """Teacher and base scoring sort the rows by length and score this many groups, each padded only to its own
     longest row (1 = the padded batch as sampled). Equal to float rounding (a few 1e-6); the student's own
