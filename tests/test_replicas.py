@@ -179,6 +179,18 @@ def test_two_process_dapo_refills_agree(tiny_models, tmp_path, parallel):
 
 
 @pytest.mark.slow
+def test_two_processes_sampling_ahead_stay_identical(tiny_models, tmp_path):
+    """rollout.off_policy_steps=1 under DDP: each process samples its share ahead on its own
+    thread while the gradients are all-reduced; the replicas end bitwise equal, with the same
+    prompt order, and steps 2 and 4 trained on batches sampled ahead."""
+    o = tiny_overrides(tiny_models, **{"train.steps": 4, "train.eval_every": 0, "train.save_every": 2,
+                                      "rollout.off_policy_steps": 1})
+    assert_identical(replicas("plain", tmp_path / "ahead", o))
+    rows = [r for r in metrics_rows(tmp_path / "ahead") if "train/loss" in r]
+    assert [r["train/sampled_ahead"] for r in rows] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gkd", "gopd"])
 def test_sharded_teacher_and_base_train_as_replicated(tiny_models, tmp_path, method):
     """GKD (full logits of both models) and G-OPD (teacher and base logprobs) with the student,
