@@ -159,6 +159,32 @@ def test_explicit_eos_token_ids_replace_the_default(tiny_student, backend):
     assert ro.response_ids_BT.tolist() == [[a, b]] and ro.texts == ["1"]
 
 
+def test_the_lean_loop_keeps_placeholder_rows_down_to_min_rows(tiny_student):
+    """min_rows=2 (what lean-compiled asks, so that no one-row shape is compiled mid-run): rows
+    end after 2 and 3 tokens, one runs on; the decode batch shrinks to one row with min_rows=1
+    and to two (a placeholder kept) with min_rows=2, and the tokens are the same."""
+    from effopd.rollout import lean_engine
+
+    tok, model = tiny_student
+    a, b, c = (tok.convert_tokens_to_ids(x) for x in ("1", "2", "3"))
+    E = tok.eos_token_id
+    prompts = PROMPTS[:3]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=1.0, greedy=True, eos=[E], pad_id=tok.pad_token_id,
+              bos_id=tok.bos_token_id, keep_logprobs=False)
+    out, rows = {}, {}
+    for m in (1, 2):
+        seen: list[int] = []
+        h = model.register_forward_pre_hook(lambda mod, args, k: seen.append(k["input_ids"].shape[0]), with_kwargs=True)
+        with force_tokens(model, tok, prompts, [[a, E, b, b, b, b], [a, b, E, c, c, c], [c, c, c, c, c, c]]), torch.no_grad():
+            ids, _ = lean_engine(model, enc["input_ids"], enc["attention_mask"], min_rows=m, **kw)
+        h.remove()
+        out[m], rows[m] = torch.where(response_mask(ids, [E]).bool(), ids, -1), seen
+    assert out[1].tolist() == [[a, E, -1, -1, -1, -1], [a, b, E, -1, -1, -1], [c] * 6]
+    assert torch.equal(out[1], out[2])
+    assert rows[1] == [3, 3, 2, 1, 1, 1] and rows[2] == [3, 3, 2, 2, 2, 2]
+
+
 @pytest.mark.slow
 def test_the_compiled_engine_samples_as_the_lean_loop(tiny_student):
     """lean-compiled: greedy tokens equal lean's, a second batch size runs without a new

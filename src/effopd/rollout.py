@@ -309,15 +309,17 @@ def _any_process(flag: torch.Tensor) -> bool:
 
 
 def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, temperature, top_p, greedy, eos, pad_id, bos_id,
-                keep_logprobs, generator=None):
+                keep_logprobs, generator=None, min_rows=1):
     """A decode loop that does only what the trainer needs: one forward of the last position per
     step (the prefill computes the logits of the last prompt token only), the sampled token and
     its logprob, and rows leave the batch, cache included, as soon as they end, so later steps
-    decode only the rows still running. A model sharded across processes gathers its weights in
-    every forward, so there every process goes on (with one placeholder row once its own rows
-    have ended) until all have ended."""
+    decode only the rows still running, but never fewer than ``min_rows`` (ended rows stay as
+    placeholders; their tokens are ignored). A model sharded across processes gathers its
+    weights in every forward, so there every process goes on (with one placeholder row once its
+    own rows have ended) until all have ended."""
     B, device = input_ids_BP.shape[0], input_ids_BP.device
     synced = _synced(model)
+    min_rows = max(min_rows, 1 if synced else 0)
     ids_BT = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logp_BT = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if keep_logprobs else None
     eos_E = torch.tensor(eos, device=device)
@@ -342,10 +344,13 @@ def lean_engine(model, input_ids_BP, attention_mask_BP, *, max_new_tokens, tempe
             break
         if not live_R.all():  # drop the rows that ended, from the cache too
             keep = live_R.nonzero().squeeze(-1)
-            if keep.numel() == 0:  # only another process's rows go on: one placeholder row keeps this one in step
-                keep = torch.zeros(1, dtype=torch.long, device=device)
-            cache.batch_select_indices(keep)
-            rows_R, live_R, tok_R, mask_RS, pos_R1 = rows_R[keep], live_R[keep], tok_R[keep], mask_RS[keep], pos_R1[keep]
+            if keep.numel() < min_rows:  # placeholders (with a sharded model: this process's rows have all ended,
+                # another's go on) keep the batch at min_rows rows
+                placeholders = (~live_R).nonzero().squeeze(-1)[: min_rows - keep.numel()]
+                keep = torch.cat([keep, placeholders]).sort().values
+            if keep.numel() < len(rows_R):
+                cache.batch_select_indices(keep)
+                rows_R, live_R, tok_R, mask_RS, pos_R1 = rows_R[keep], live_R[keep], tok_R[keep], mask_RS[keep], pos_R1[keep]
         mask_RS = torch.cat([mask_RS, mask_RS.new_ones(len(rows_R), 1)], dim=1)
         pos_R1 = pos_R1 + 1
         logits_RV = model(input_ids=tok_R[:, None], attention_mask=mask_RS, position_ids=pos_R1, cache=cache,
@@ -379,8 +384,9 @@ _COMPILE_LOCK = threading.Lock()
 
 def compiled_lean_engine(model, input_ids_BP, attention_mask_BP, **kw):
     """:func:`lean_engine` with the model's forward compiled by ``torch.compile`` (inductor,
-    dynamic shapes, so the shrinking batch and the growing cache compile once): the first call
-    on a model compiles (tens of seconds), later ones run with far less per-op overhead. The
+    dynamic shapes, so the shrinking batch and the growing cache compile once; the decode batch
+    keeps two rows at least): the first call on a model compiles (tens of seconds), later ones
+    run with far less per-op overhead. The
     same tokens as ``lean`` when greedy; sampled logprobs equal a teacher-forced forward to
     float rounding. Not for a model sharded across processes."""
     from effopd.sharding import is_sharded
@@ -393,7 +399,8 @@ def compiled_lean_engine(model, input_ids_BP, attention_mask_BP, **kw):
         if forward is None:
             forward = _CompiledForward(model)
             object.__setattr__(model, _COMPILED_ATTR, forward)  # past nn.Module's registration of modules
-    return lean_engine(forward, input_ids_BP, attention_mask_BP, **kw)
+    # two rows at least: a batch of one would be a shape of its own to compile, in the middle of a run
+    return lean_engine(forward, input_ids_BP, attention_mask_BP, min_rows=2, **kw)
 
 
 #: ``rollout.backend`` -> engine. A new backend (a vLLM client, say) is one more entry here.
