@@ -134,8 +134,10 @@ def effopd_run(batch: int, steps: int, spec: dict, overrides: list[str], seed: i
             raise SystemExit(f"effopd train failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
         rows = [json.loads(x) for x in Path(f"{d}/run/metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    first = next(r["time/step"] for r in rows if "time/step" in r)  # holds a compile, for lean-compiled
     rows = [r for r in rows if "time/step" in r and r["step"] > 2]
-    return {"s_per_step": statistics.median(r["time/step"] for r in rows),
+    return {"s_per_step": statistics.median(r["time/step"] for r in rows), "first_step_s": first,
+            "max_step_s": max(r["time/step"] for r in rows),
             "mean_length": statistics.mean(r["train/response_length"] for r in rows),
             "loss": losses,
             **{k: statistics.median(r[k] for r in rows) for k in ("time/rollout", "time/score", "time/update") if k in rows[0]}}
